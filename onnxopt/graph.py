@@ -1,0 +1,319 @@
+"""Graph plumbing shared by every pass.
+
+Passes work on an ``onnx_graphsurgeon.Graph``. Everything they need to look up or
+rewire lives here, so no pass re-implements producer/consumer look-ups, constant
+access, use replacement or initializer creation.
+
+Conventions
+-----------
+* ``Constant`` nodes (PaddlePaddle and some TF exports store weights that way) are
+  lifted into ``gs.Constant`` tensors on import, so every pass sees them as
+  initializers.  ``constant_value`` also understands a still-present Constant node.
+* Graph output tensors keep their names: use :func:`bypass_node` or
+  :func:`replace_tensor` and they take care of it.
+* gs shares one Tensor object between a graph and the subgraphs that read it, so
+  rewiring a tensor's consumers also reaches nodes inside If/Loop bodies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+# --------------------------------------------------------------------------- import / export
+def import_model(model: onnx.ModelProto) -> gs.Graph:
+    """ONNX model → gs.Graph with Constant nodes lifted to constants."""
+    graph = gs.import_onnx(model)
+    lift_constant_nodes(graph)
+    return graph
+
+
+def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """gs.Graph → ONNX model, keeping the template's model-level metadata.
+
+    gs forgets doc_string, domain, model_version and metadata_props; opset imports of
+    domains that the graph no longer uses are kept unless ``eliminate-dead`` dropped
+    them from ``graph.import_domains``.
+    """
+    model = gs.export_onnx(graph, do_type_check=False)
+    if template is not None:
+        model.doc_string = template.doc_string
+        model.domain = template.domain
+        model.model_version = template.model_version
+        del model.metadata_props[:]
+        model.metadata_props.extend(template.metadata_props)
+        if template.ir_version:
+            model.ir_version = max(model.ir_version, template.ir_version) if graph.ir_version is None else graph.ir_version
+        _keep_declared_opsets(model, template, graph)
+    return model
+
+
+def _keep_declared_opsets(model: onnx.ModelProto, template: onnx.ModelProto, graph: gs.Graph) -> None:
+    """Keep the template's opset versions; add domains the graph imports or uses."""
+    declared = {o.domain: o.version for o in template.opset_import}
+    if graph.import_domains is not None:
+        keep = {o.domain: o.version for o in graph.import_domains}
+        declared = {d: v for d, v in declared.items() if d in keep or d in DEFAULT_DOMAINS}
+        for d, v in keep.items():
+            declared.setdefault(d, v)
+    if "" in declared:
+        declared[""] = graph.opset
+    for o in model.opset_import:
+        declared.setdefault(o.domain, o.version)
+    del model.opset_import[:]
+    for d, v in declared.items():
+        model.opset_import.append(onnx.helper.make_opsetid(d, v))
+
+
+# --------------------------------------------------------------------------- traversal
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and, recursively, every subgraph (If branches, Loop/Scan bodies)."""
+    yield graph
+    for node in graph.nodes:
+        for sub in node_subgraphs(node):
+            yield from iter_graphs(sub)
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    subs = []
+    for value in node.attrs.values():
+        if isinstance(value, gs.Graph):
+            subs.append(value)
+        elif isinstance(value, (list, tuple)):
+            subs.extend(v for v in value if isinstance(v, gs.Graph))
+    return subs
+
+
+def has_subgraph(node: gs.Node) -> bool:
+    return bool(node_subgraphs(node))
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    """The node that produces ``tensor`` (None for graph inputs and constants)."""
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor) -> list[gs.Node]:
+    return list(tensor.outputs)
+
+
+def is_graph_output(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for g in iter_graphs(graph) for t in g.outputs)
+
+
+def is_graph_input(graph: gs.Graph, tensor: gs.Tensor) -> bool:
+    return any(t is tensor for g in iter_graphs(graph) for t in g.inputs)
+
+
+def is_default_domain(node: gs.Node) -> bool:
+    return node.domain in DEFAULT_DOMAINS or node.domain is None
+
+
+def attr(node: gs.Node, name: str, default=None):
+    return node.attrs.get(name, default)
+
+
+# --------------------------------------------------------------------------- constants
+def is_constant(tensor: gs.Tensor | None) -> bool:
+    return constant_value(tensor) is not None
+
+
+def constant_value(tensor: gs.Tensor | None) -> np.ndarray | None:
+    """The numpy value of a constant tensor (initializer or Constant-node output), else None."""
+    if tensor is None or (isinstance(tensor, gs.Variable) and tensor.name == "" and not tensor.inputs):
+        return None
+    if isinstance(tensor, gs.Constant):
+        try:
+            return tensor.values
+        except Exception:  # sparse or unloadable external data
+            return None
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and is_default_domain(node):
+        return _constant_node_value(node)
+    return None
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray | None:
+    a = node.attrs
+    if "value" in a:
+        v = a["value"]
+        if isinstance(v, gs.Constant):
+            return v.values
+        if isinstance(v, onnx.TensorProto):
+            return numpy_helper.to_array(v)
+        return np.asarray(v)
+    if "value_float" in a:
+        return np.array(a["value_float"], dtype=np.float32)
+    if "value_floats" in a:
+        return np.array(a["value_floats"], dtype=np.float32)
+    if "value_int" in a:
+        return np.array(a["value_int"], dtype=np.int64)
+    if "value_ints" in a:
+        return np.array(a["value_ints"], dtype=np.int64)
+    return None  # sparse_value / value_string(s): leave as a node
+
+
+def lift_constant_nodes(graph: gs.Graph) -> int:
+    """Turn every Constant node into a gs.Constant initializer, in every subgraph. Returns the count."""
+    lifted = 0
+    for g in list(iter_graphs(graph)):
+        for node in list(g.nodes):
+            if node.op != "Constant" or not is_default_domain(node) or len(node.outputs) != 1:
+                continue
+            value = _constant_node_value(node)
+            if value is None:
+                continue
+            out = node.outputs[0]
+            if is_graph_output(graph, out):
+                continue  # a graph output produced by a Constant node stays a node
+            const = gs.Constant(out.name, np.asarray(value))
+            out.name = out.name + "__lifted_constant_node"
+            replace_tensor(g, out, const, keep_output_name=False)
+            node.outputs.clear()
+            g.nodes.remove(node)
+            lifted += 1
+    return lifted
+
+
+def add_constant(graph: gs.Graph, name_hint: str, value: np.ndarray) -> gs.Constant:
+    """A new initializer tensor with a unique name (attach it by using it as a node input)."""
+    return gs.Constant(unique_name(graph, name_hint), np.ascontiguousarray(value))
+
+
+# --------------------------------------------------------------------------- names
+def unique_name(graph: gs.Graph, hint: str) -> str:
+    taken = _taken_names(graph)
+    if hint not in taken:
+        return hint
+    for i in itertools.count(1):
+        cand = f"{hint}_{i}"
+        if cand not in taken:
+            return cand
+    raise AssertionError
+
+
+def _taken_names(graph: gs.Graph) -> set[str]:
+    names: set[str] = set()
+    for g in iter_graphs(graph):
+        names.update(g.tensors().keys())
+        names.update(n.name for n in g.nodes if n.name)
+    return names
+
+
+def make_variable(graph: gs.Graph, name_hint: str, dtype=None, shape=None) -> gs.Variable:
+    return gs.Variable(unique_name(graph, name_hint), dtype=dtype, shape=shape)
+
+
+def make_node(graph: gs.Graph, op: str, inputs: list, outputs: list, attrs: dict | None = None,
+              name_hint: str | None = None, domain: str | None = None) -> gs.Node:
+    """Create a node, give it a unique name and append it to ``graph.nodes`` (toposort fixes order)."""
+    node = gs.Node(op=op, name=unique_name(graph, name_hint or op), attrs=attrs or {},
+                   inputs=list(inputs), outputs=list(outputs), domain=domain)
+    graph.nodes.append(node)
+    return node
+
+
+# --------------------------------------------------------------------------- rewiring
+def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, *, keep_output_name: bool = True) -> None:
+    """Make every consumer of ``old`` read ``new`` instead (subgraphs included).
+
+    If ``old`` is a graph output, ``new`` takes its place in the output list; with
+    ``keep_output_name`` the output keeps its public name (``new`` is renamed, and a
+    constant output is emitted through an Identity so the graph stays valid).
+    """
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+    for g in iter_graphs(graph):
+        for i, t in enumerate(g.outputs):
+            if t is old:
+                if keep_output_name:
+                    name, dtype, shape = old.name, old.dtype, old.shape
+                    if isinstance(new, gs.Constant) or is_graph_input(graph, new) or is_graph_output(graph, new):
+                        out = gs.Variable(name, dtype=dtype, shape=shape)
+                        old.name = unique_name(graph, name + "_replaced")
+                        g.nodes.append(gs.Node("Identity", name=unique_name(graph, name + "_Identity"), inputs=[new], outputs=[out]))
+                        g.outputs[i] = out
+                        continue
+                    old.name = unique_name(graph, name + "_replaced")
+                    new.name = name
+                    if new.dtype is None:
+                        new.dtype = dtype
+                    if new.shape is None:
+                        new.shape = shape
+                g.outputs[i] = new
+
+
+def bypass_node(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_index: int = 0) -> None:
+    """Remove a pass-through node: its output's readers read ``node.inputs[input_index]`` instead."""
+    src = node.inputs[input_index]
+    dst = node.outputs[output_index]
+    replace_tensor(graph, dst, src)
+    node.inputs.clear()
+    node.outputs.clear()
+    owner = owning_graph(graph, node)
+    if owner is not None:
+        owner.nodes.remove(node)
+
+
+def remove_node(graph: gs.Graph, node: gs.Node) -> None:
+    """Detach a node whose outputs nobody reads any more."""
+    node.inputs.clear()
+    node.outputs.clear()
+    owner = owning_graph(graph, node)
+    if owner is not None:
+        owner.nodes.remove(node)
+
+
+def owning_graph(graph: gs.Graph, node: gs.Node) -> gs.Graph | None:
+    for g in iter_graphs(graph):
+        if any(n is node for n in g.nodes):
+            return g
+    return None
+
+
+# --------------------------------------------------------------------------- shapes
+def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
+    """The tensor's shape if every dimension is a known int, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape)
+    shape = tensor.shape
+    if shape is None or any(not isinstance(d, (int, np.integer)) or d < 0 for d in shape):
+        return None
+    return tuple(int(d) for d in shape)
+
+
+def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> gs.Graph:
+    """Run ONNX shape inference and return a re-imported graph (the input graph is unchanged).
+
+    Falls back to the graph as it is when inference fails (custom ops, big models).
+    """
+    from .io import PROTOBUF_LIMIT, tensor_payload_bytes
+
+    model = export_model(graph, template)
+    if tensor_payload_bytes(model) > PROTOBUF_LIMIT:
+        return graph
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return graph
+    return import_model(inferred)
+
+
+def op_histogram(graph: gs.Graph) -> Counter:
+    return Counter((n.domain + "::" if n.domain not in DEFAULT_DOMAINS else "") + n.op for g in iter_graphs(graph) for n in g.nodes)
+
+
+def node_count(graph: gs.Graph, recurse: bool = True) -> int:
+    graphs: Iterable[gs.Graph] = iter_graphs(graph) if recurse else [graph]
+    return sum(len(g.nodes) for g in graphs)

@@ -1,0 +1,183 @@
+"""Loading and saving ONNX models safely.
+
+* ``load_model`` turns every way a file can be wrong into one :class:`UserInputError`.
+* ``save_model`` writes to a temporary file in the target folder and renames it into
+  place, so a crash never leaves a partial output; models whose tensors exceed the
+  2 GB protobuf limit are written with ONNX external data automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import UserInputError
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Initializers larger than this go to the external data file when saving externally.
+EXTERNAL_DATA_THRESHOLD = 1024
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "length":
+                    return int(kv.value)
+        return len(t.raw_data)
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * 4
+
+
+def tensor_payload_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every initializer and Constant attribute, subgraphs included."""
+    total = 0
+
+    def visit(g: onnx.GraphProto):
+        nonlocal total
+        for t in g.initializer:
+            total += _tensor_bytes(t)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    total += _tensor_bytes(a.t)
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        visit(sg)
+
+    visit(model.graph)
+    return total
+
+
+def _check_readable_file(path: Path, what: str) -> None:
+    if not path.exists():
+        raise UserInputError(f"{what} '{path}' does not exist.", "check the path and spelling.")
+    if path.is_dir():
+        raise UserInputError(f"{what} '{path}' is a directory, not an .onnx file.", "pass the path of the .onnx file inside it.")
+    if path.stat().st_size == 0:
+        raise UserInputError(f"{what} '{path}' is an empty file.", "re-export or re-download the model.")
+
+
+def load_model(path: str | os.PathLike, *, check: bool = True, what: str = "model") -> onnx.ModelProto:
+    """Load a model (with its external data) or raise one clear UserInputError."""
+    path = Path(path)
+    _check_readable_file(path, what)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, UnicodeDecodeError) as exc:
+        raise UserInputError(
+            f"{what} '{path}' is not a valid ONNX protobuf ({type(exc).__name__}); the file may be truncated or not ONNX.",
+            "re-export the model or re-download it completely.",
+        ) from None
+    except OSError as exc:
+        raise UserInputError(f"cannot read {what} '{path}': {exc.strerror or exc}.", "check the file's permissions.") from None
+    if not model.HasField("graph") or (len(model.graph.node) == 0 and len(model.graph.output) == 0):
+        raise UserInputError(
+            f"{what} '{path}' parsed but holds no ONNX graph; it is probably not an ONNX model.",
+            "pass an .onnx file exported by a framework converter.",
+        )
+    if not model.opset_import:
+        raise UserInputError(f"{what} '{path}' declares no opset import.", "re-export the model with an explicit opset.")
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (FileNotFoundError, OSError) as exc:
+        raise UserInputError(
+            f"{what} '{path}' uses external data that cannot be read ({exc}).",
+            "keep the external data file(s) next to the .onnx file, with the names it was saved with.",
+        ) from None
+    except Exception as exc:  # onnx raises ValidationError for paths outside the model folder
+        raise UserInputError(f"{what} '{path}' has invalid external data references ({exc}).", "re-save the model with onnx.save_model.") from None
+    if check:
+        check_model(model, what=f"{what} '{path}'")
+    return model
+
+
+def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
+    """Run onnx.checker (on a path-free copy when the model is over 2 GB)."""
+    try:
+        if tensor_payload_bytes(model) > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as tmp:
+                p = os.path.join(tmp, "m.onnx")
+                onnx.save_model(model, p, save_as_external_data=True, location="m.data")
+                onnx.checker.check_model(p, full_check=full)
+        else:
+            onnx.checker.check_model(model, full_check=full)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unknown reason"
+        raise UserInputError(
+            f"{what} fails onnx.checker: {first}",
+            "repair or re-export the model so that onnx.checker.check_model accepts it.",
+        ) from None
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Write ``model`` atomically; external data is used when forced or when the model is over 2 GB.
+
+    The external data file is named ``<output name>.data`` and is written next to the model.
+    """
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise UserInputError(f"output '{path}' is a directory.", "give a file name such as out.onnx.")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.exists():
+        raise UserInputError(f"output folder '{folder}' does not exist.", "create it first or choose another output path.")
+    if external_data is None:
+        external_data = tensor_payload_bytes(model) > PROTOBUF_LIMIT - 64 * 1024 * 1024
+    data_name = path.name + ".data"
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxopt-") as tmp:
+        tmp_model = Path(tmp) / path.name
+        if external_data:
+            model = _copy_for_external_save(model)
+            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=False)
+            tmp_data = Path(tmp) / data_name
+            if tmp_data.exists():
+                os.replace(tmp_data, folder / data_name)
+        else:
+            onnx.save_model(model, str(tmp_model))
+        os.replace(tmp_model, path)
+    return path
+
+
+def _copy_for_external_save(model: onnx.ModelProto) -> onnx.ModelProto:
+    # onnx.save_model with external data mutates tensors in place; never touch the caller's model.
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size of a model on disk including its external data files."""
+    path = Path(path)
+    total = path.stat().st_size
+    try:
+        m = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return total
+    seen = set()
+
+    def visit(g):
+        for t in g.initializer:
+            if t.data_location == onnx.TensorProto.EXTERNAL:
+                for kv in t.external_data:
+                    if kv.key == "location" and kv.value not in seen:
+                        seen.add(kv.value)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+
+    visit(m.graph)
+    for loc in seen:
+        p = path.parent / loc
+        if p.exists():
+            total += p.stat().st_size
+    return total

@@ -1,0 +1,122 @@
+"""onnxruntime sessions for models held in memory, and execution-provider selection."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .errors import UserInputError
+
+# Short names users type → onnxruntime provider names.
+PROVIDER_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+@dataclass
+class ProviderStatus:
+    short: str
+    name: str
+    available: bool
+    reason: str = ""
+
+
+def parse_providers(text: str | list[str] | None) -> list[str]:
+    if text is None:
+        return ["cpu"]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = []
+    for it in items:
+        it = it.strip().lower()
+        if not it:
+            continue
+        if it not in PROVIDER_NAMES:
+            raise UserInputError(f"unknown execution provider '{it}'.", f"use a comma-separated list of: {', '.join(PROVIDER_NAMES)}.")
+        if it not in out:
+            out.append(it)
+    if not out:
+        raise UserInputError("no execution provider given.", "use e.g. --providers cpu,cuda.")
+    return out
+
+
+def provider_status(short: str) -> ProviderStatus:
+    """Whether a provider can run here, with the reason when it cannot."""
+    import onnxruntime as ort
+
+    name = PROVIDER_NAMES[short]
+    available = ort.get_available_providers()
+    if name not in available:
+        pkg = {"cuda": "onnxruntime-gpu", "tensorrt": "onnxruntime-gpu with TensorRT libraries"}.get(short, "onnxruntime")
+        return ProviderStatus(short, name, False, f"{name} is not in this onnxruntime build (install {pkg})")
+    if short in ("cuda", "tensorrt"):
+        # The GPU build lists CUDA even on machines without a GPU or driver; try a tiny session.
+        try:
+            _tiny_session(name)
+        except Exception as exc:  # pragma: no cover - needs a GPU build
+            return ProviderStatus(short, name, False, f"{name} is installed but cannot start: {str(exc).splitlines()[0]}")
+    return ProviderStatus(short, name, True)
+
+
+def _tiny_session(provider: str):
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    m = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 13)])
+    sess = ort.InferenceSession(m.SerializeToString(), providers=[provider])
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError("onnxruntime fell back to another provider")
+    return sess
+
+
+def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cpu", *,
+                 optimization: str = "all", threads: int | None = None):
+    """An InferenceSession for a model in memory or on disk.
+
+    ``optimization`` is one of ``disable``, ``basic``, ``extended``, ``all`` (onnxruntime's levels).
+    Models over 2 GB in memory are written to a temporary folder first.
+    """
+    import onnxruntime as ort
+
+    from .io import PROTOBUF_LIMIT, tensor_payload_bytes
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    so.log_severity_level = 3
+    if threads is not None:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    providers = [PROVIDER_NAMES.get(provider, provider)]
+    if isinstance(model, onnx.ModelProto):
+        if tensor_payload_bytes(model) > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as tmp:
+                p = os.path.join(tmp, "model.onnx")
+                onnx.save_model(model, p, save_as_external_data=True, location="model.data")
+                return ort.InferenceSession(p, so, providers=providers)
+        return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
+    return ort.InferenceSession(str(model), so, providers=providers)
+
+
+def run_session(sess, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    feed = {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}}
+    return dict(zip(names, sess.run(names, feed)))
+
+
+def run_model(model, feeds, provider: str = "cpu", optimization: str = "all") -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` for every feed dict."""
+    sess = make_session(model, provider, optimization=optimization)
+    return [run_session(sess, f) for f in feeds]

@@ -28,6 +28,9 @@ from onnx import numpy_helper
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
+# gs warns on stdout about things passes handle on purpose; errors still show.
+gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+
 
 # --------------------------------------------------------------------------- import / export
 def import_model(model: onnx.ModelProto) -> gs.Graph:

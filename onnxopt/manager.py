@@ -118,6 +118,8 @@ class PassManager:
             raise
         except Exception as exc:
             raise PassFailed(p.name, exc) from exc
+        # Name clashes confuse gs.cleanup, so check them before cleaning up.
+        self._check_invariants(p.name, graph)
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         seconds = time.perf_counter() - t0
         self._check_invariants(p.name, graph)

@@ -57,7 +57,17 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
         if template.ir_version:
             model.ir_version = max(model.ir_version, template.ir_version) if graph.ir_version is None else graph.ir_version
         _keep_declared_opsets(model, template, graph)
+    if model.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
     return model
+
+
+def _list_initializers_as_inputs(graph_proto: onnx.GraphProto) -> None:
+    """IR < 4 requires every initializer to be a graph input too (gs drops them on import)."""
+    listed = {i.name for i in graph_proto.input}
+    for t in graph_proto.initializer:
+        if t.name not in listed:
+            graph_proto.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
 def _keep_declared_opsets(model: onnx.ModelProto, template: onnx.ModelProto, graph: gs.Graph) -> None:
@@ -189,7 +199,8 @@ def lift_constant_nodes(graph: gs.Graph) -> int:
 
 def add_constant(graph: gs.Graph, name_hint: str, value: np.ndarray) -> gs.Constant:
     """A new initializer tensor with a unique name (attach it by using it as a node input)."""
-    return gs.Constant(unique_name(graph, name_hint), np.ascontiguousarray(value))
+    # np.asarray(order="C"), not np.ascontiguousarray: the latter turns a 0-d scalar into shape (1,).
+    return gs.Constant(unique_name(graph, name_hint), np.asarray(value, order="C"))
 
 
 # --------------------------------------------------------------------------- names
@@ -210,6 +221,30 @@ def _taken_names(graph: gs.Graph) -> set[str]:
         names.update(g.tensors().keys())
         names.update(n.name for n in g.nodes if n.name)
     return names
+
+
+class NameAllocator:
+    """Unique names for a pass that creates many tensors or nodes: scans the graph once.
+
+    :func:`unique_name` rescans every graph per call (O(graph)); a pass adding hundreds of
+    constants makes one allocator per run and creates all its new names through it.
+    """
+
+    def __init__(self, graph: gs.Graph):
+        self._taken = _taken_names(graph)
+
+    def __call__(self, hint: str) -> str:
+        name = hint
+        for i in itertools.count(1):
+            if name not in self._taken:
+                break
+            name = f"{hint}_{i}"
+        self._taken.add(name)
+        return name
+
+    def constant(self, hint: str, value: np.ndarray) -> gs.Constant:
+        """Like :func:`add_constant`, named by this allocator."""
+        return gs.Constant(self(hint), np.asarray(value, order="C"))  # keeps 0-d scalars 0-d
 
 
 def make_variable(graph: gs.Graph, name_hint: str, dtype=None, shape=None) -> gs.Variable:
@@ -257,6 +292,19 @@ def replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor, *, keep_outp
                 g.outputs[i] = new
 
 
+def replace_uses(old: gs.Tensor, new: gs.Tensor) -> None:
+    """Make every node that reads ``old`` read ``new`` instead (subgraphs included).
+
+    The O(uses) half of :func:`replace_tensor`, without the graph-output handling, for
+    passes that rewire many tensors they know are not graph outputs (``replace_tensor``
+    scans every graph's output list, which is O(graph) per call).
+    """
+    for node in list(old.outputs):
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
+
+
 def bypass_node(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_index: int = 0) -> None:
     """Remove a pass-through node: its output's readers read ``node.inputs[input_index]`` instead."""
     src = node.inputs[input_index]
@@ -285,6 +333,17 @@ def owning_graph(graph: gs.Graph, node: gs.Node) -> gs.Graph | None:
     return None
 
 
+def remove_nodes(graph: gs.Graph, nodes: Iterable[gs.Node]) -> None:
+    """Detach and drop many nodes at once: O(graph) in total, where :func:`remove_node` is O(graph) each."""
+    doomed = {id(n): n for n in nodes}
+    for node in doomed.values():
+        node.inputs.clear()
+        node.outputs.clear()
+    if doomed:
+        for g in iter_graphs(graph):
+            g.nodes = [n for n in g.nodes if id(n) not in doomed]
+
+
 # --------------------------------------------------------------------------- shapes
 def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     """The tensor's shape if every dimension is a known int, else None."""
@@ -311,6 +370,54 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> gs
     except Exception:
         return graph
     return import_model(inferred)
+
+
+def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
+                    payload_limit: int = 1024) -> dict[str, list[int | str | None]]:
+    """Tensor name → dims (int, dim_param string or None) found by ONNX shape inference.
+
+    Unlike :func:`infer_shapes` the graph is not re-imported and inference runs on a
+    payload-free copy: main-graph initializers over ``payload_limit`` bytes become typed
+    graph inputs (only small integer tensors matter to data propagation), so a 100 MB
+    model costs one export instead of serialising every weight into the C++ checker.
+    Returns an empty dict when inference fails (custom ops with strict checks, >2 GB).
+    """
+    model = export_model(graph, template)
+    listed = {i.name for i in model.graph.input}
+    small = []
+    for t in model.graph.initializer:
+        if t.ByteSize() <= payload_limit:
+            small.append(t)
+        elif t.name not in listed:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(small)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return {}
+    shapes: dict[str, list[int | str | None]] = {}
+    ambiguous: set[str] = set()  # one name, different shapes (sibling subgraphs may reuse names)
+
+    def visit(g: onnx.GraphProto) -> None:
+        for vi in itertools.chain(g.input, g.output, g.value_info):
+            tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
+            if tt is not None and tt.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                if shapes.setdefault(vi.name, dims) != dims:
+                    ambiguous.add(vi.name)
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    visit(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        visit(sg)
+
+    visit(inferred.graph)
+    for name in ambiguous:
+        del shapes[name]
+    return shapes
 
 
 def op_histogram(graph: gs.Graph) -> Counter:

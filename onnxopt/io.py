@@ -23,16 +23,23 @@ EXTERNAL_DATA_THRESHOLD = 1024
 
 
 def _tensor_bytes(t: onnx.TensorProto) -> int:
-    if t.HasField("raw_data") or t.data_location == onnx.TensorProto.EXTERNAL:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for kv in t.external_data:
-                if kv.key == "length":
-                    return int(kv.value)
-        return len(t.raw_data)
+    """Payload bytes from dims and dtype (reading ``raw_data`` would copy gigabytes)."""
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        for kv in t.external_data:
+            if kv.key == "length":
+                return int(kv.value)
+    if t.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return t.ByteSize()
     n = 1
     for d in t.dims:
         n *= d
-    return n * 4
+    try:
+        bits = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * 8
+    except Exception:
+        bits = 32
+    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+        bits = 4
+    return (n * bits + 7) // 8
 
 
 def tensor_payload_bytes(model: onnx.ModelProto) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -46,10 +47,18 @@ def compare(ref: np.ndarray, cand: np.ndarray) -> dict[str, float]:
             "rel_l2": rel, "cosine": cos}
 
 
-def looks_like_class_scores(arr: np.ndarray) -> bool:
-    """A float output shaped (batch, classes) or (classes,) with at least 2 classes."""
+# Output names that mark regression heads (boxes, landmarks, offsets), not class scores.
+_REGRESSION_NAME = re.compile(r"box|bbox|reg|landmark|keypoint|offset|coord|loc(?!al)|delta", re.IGNORECASE)
+
+
+def looks_like_class_scores(arr: np.ndarray, name: str = "") -> bool:
+    """A float output shaped (batch, classes) or (classes,) with at least 2 classes.
+
+    Shape alone cannot tell an MTCNN box head (N, 4) from scores, so outputs whose name
+    says box/regression/landmark are not treated as class scores.
+    """
     a = np.asarray(arr)
-    if a.dtype.kind != "f":
+    if a.dtype.kind != "f" or (name and _REGRESSION_NAME.search(name)):
         return False
     shape = [d for d in a.shape]
     if len(shape) == 2 and shape[1] >= 2:
@@ -74,3 +83,100 @@ def within(metric: str, value: float, bound: float) -> bool:
     if metric in HIGHER_IS_BETTER:
         return value >= bound
     return value <= bound
+
+
+class OutputAccumulator:
+    """Metrics of one output over many feeds.
+
+    * ``max_abs``: largest absolute error anywhere;
+    * ``mean_abs``: mean absolute error over all elements of all feeds;
+    * ``rel_l2``: ||ref - cand|| / ||ref|| over all the data at once (one number
+      for the data set, not dominated by a sample whose reference is near zero);
+    * ``cosine``: the *smallest* cosine similarity over samples (rows along the
+      batch axis when a feed holds several), so one bad sample shows;
+    * ``top1``: fraction of samples whose argmax agrees, for class-score outputs.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        self.name = name
+        self.max_abs = 0.0
+        self.abs_sum = 0.0
+        self.elements = 0
+        self.diff_sq = 0.0
+        self.ref_sq = 0.0
+        self.cosine = 1.0
+        self.top1_hits = 0
+        self.top1_total = 0
+        self.class_scores: bool | None = None
+        self.exact_mismatch = False  # non-float outputs differ
+        self.broken: str | None = None  # shape or non-finite mismatch; all metrics at their worst
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, batch: int = 1) -> None:
+        ref = np.asarray(ref)
+        cand = np.asarray(cand)
+        if ref.shape != cand.shape:
+            self.broken = self.broken or f"shape {tuple(cand.shape)} differs from the reference's {tuple(ref.shape)}"
+            return
+        is_scores = looks_like_class_scores(ref, self.name) and looks_like_class_scores(cand, self.name)
+        self.class_scores = is_scores if self.class_scores is None else (self.class_scores and is_scores)
+        if self.class_scores:
+            hits, total = top1_matches(ref, cand)
+            self.top1_hits += hits
+            self.top1_total += total
+        if ref.dtype.kind not in "fc" or cand.dtype.kind not in "fc":
+            # Indices, masks, counts: equal or not; errors in the numeric sense where they are numbers.
+            if not np.array_equal(ref, cand):
+                self.exact_mismatch = True
+                self.cosine = 0.0
+            if ref.dtype.kind in "iub" and cand.dtype.kind in "iub" and ref.size:
+                d = np.abs(ref.astype(np.float64) - cand.astype(np.float64))
+                self.max_abs = max(self.max_abs, float(d.max()))
+                self.abs_sum += float(d.sum())
+            self.elements += ref.size
+            return
+        r = ref.astype(np.float64)
+        c = cand.astype(np.float64)
+        finite_r, finite_c = np.isfinite(r), np.isfinite(c)
+        if not (np.array_equal(finite_r, finite_c) and np.array_equal(r[~finite_r], c[~finite_c])):
+            self.broken = self.broken or "non-finite values (inf/nan) differ from the reference's"
+            return
+        rows = r.shape[0] if batch > 1 and r.ndim >= 1 and r.shape[0] == batch else 1
+        r = np.where(finite_r, r, 0.0).reshape(rows, -1)
+        c = np.where(finite_c, c, 0.0).reshape(rows, -1)
+        d = r - c
+        if d.size:
+            self.max_abs = max(self.max_abs, float(np.abs(d).max()))
+        self.abs_sum += float(np.abs(d).sum())
+        self.elements += d.size
+        self.diff_sq += float((d * d).sum())
+        self.ref_sq += float((r * r).sum())
+        nr = np.linalg.norm(r, axis=1)
+        nc = np.linalg.norm(c, axis=1)
+        nd = np.linalg.norm(d, axis=1)
+        dots = (r * c).sum(axis=1)
+        for a, b, diff, dot in zip(nr, nc, nd, dots):
+            if diff == 0:
+                cos = 1.0  # identical rows; dot / (a * b) may round to 0.9999999999999999
+            elif a == 0 or b == 0:
+                cos = 0.0
+            else:
+                cos = float(dot / (a * b))
+            self.cosine = min(self.cosine, cos)
+
+    def result(self) -> dict[str, float]:
+        if self.broken:
+            out = {"max_abs": math.inf, "mean_abs": math.inf, "rel_l2": math.inf, "cosine": -1.0}
+            if self.class_scores:
+                out["top1"] = 0.0
+            return out
+        if self.exact_mismatch and self.ref_sq == 0 and self.diff_sq == 0:
+            rel = 1.0
+        elif self.ref_sq > 0:
+            rel = math.sqrt(self.diff_sq) / math.sqrt(self.ref_sq)
+        else:
+            rel = 0.0 if self.diff_sq == 0 else math.inf
+        out = {"max_abs": self.max_abs, "mean_abs": self.abs_sum / self.elements if self.elements else 0.0,
+               "rel_l2": rel, "cosine": min(1.0, self.cosine)}
+        if self.class_scores and self.top1_total:
+            out["top1"] = self.top1_hits / self.top1_total
+        return out

@@ -120,3 +120,29 @@ def run_model(model, feeds, provider: str = "cpu", optimization: str = "all") ->
     """Outputs of ``model`` for every feed dict."""
     sess = make_session(model, provider, optimization=optimization)
     return [run_session(sess, f) for f in feeds]
+
+
+def measure_latency(sessions: list, feed: dict[str, np.ndarray], *, warmup: int = 3, runs: int = 20) -> list[float]:
+    """Median wall time in milliseconds of each session on ``feed``.
+
+    The sessions run interleaved (A, B, A, B, ...) inside one loop so that clock
+    boosts, thermal throttling and other load affect all of them alike.
+    """
+    import statistics
+    import time
+
+    feeds = []
+    for sess in sessions:
+        names = {i.name for i in sess.get_inputs()}
+        feeds.append({k: v for k, v in feed.items() if k in names})
+    outputs = [[o.name for o in s.get_outputs()] for s in sessions]
+    for _ in range(max(0, warmup)):
+        for sess, f, out in zip(sessions, feeds, outputs):
+            sess.run(out, f)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(max(1, runs)):
+        for k, (sess, f, out) in enumerate(zip(sessions, feeds, outputs)):
+            start = time.perf_counter()
+            sess.run(out, f)
+            times[k].append((time.perf_counter() - start) * 1000.0)
+    return [statistics.median(t) for t in times]

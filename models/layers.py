@@ -295,12 +295,14 @@ class GraphBuilder:
 
     # ------------------------------------------------------------------ layers
     def conv(self, x: str, out_ch: int, k: int | tuple[int, int] = 3, stride: int = 1, pad: int | None = None,
-             group: int = 1, dilation: int = 1, bias: bool = True, *, gain: float = 2.0,
+             group: int = 1, dilation: int = 1, bias: bool = True, *, gain: float = 2.0, center: bool = False,
              name: str | None = "conv") -> str:
         """2-D Conv (NCHW, weight [out_ch, in_ch/group, kh, kw]); ``pad`` defaults to 'same' for odd k.
 
         Weights ~ N(0, gain / (fan_in · E[x²])) so that E[y²] ≈ gain; the bias (when
         present) is small but non-zero so that fusions that move it are exercised.
+        ``center`` (group 1 only) makes a conv classifier's outputs follow the input, as
+        :meth:`gemm` does for a linear one.
         """
         n, c, h, w = self.shapes[x]
         kh, kw = (k, k) if isinstance(k, int) else k
@@ -308,13 +310,25 @@ class GraphBuilder:
             raise ValueError(f"conv: channels {c}->{out_ch} are not divisible by group {group}")
         ph, pw = (dilation * (kh - 1) // 2, dilation * (kw - 1) // 2) if pad is None else (pad, pad)
         weight = self._rand_normal((out_ch, c // group, kh, kw), self._fan_in_std(x, (c // group) * kh * kw, gain))
+        x_value = self.values.get(x)
+        run = lambda wt, bs: np_conv2d(x_value, wt, bs, stride, [ph, pw, ph, pw], dilation, group)  # noqa: E731
+        if center and x_value is not None and group == 1:
+            # filters orthogonal to the mean input patch, then each output channel scaled to
+            # variance `gain` on the probe: outputs follow the input, not a per-channel constant
+            mean_patch = np.broadcast_to(x_value.mean(axis=(0, 2, 3), dtype=np.float64)[:, None, None], weight.shape[1:])
+            direction = (mean_patch / max(np.linalg.norm(mean_patch), 1e-12)).ravel()
+            flat = weight.reshape(out_ch, -1).astype(np.float64)
+            flat -= np.outer(flat @ direction, direction)
+            weight = flat.reshape(weight.shape).astype(np.float32)
+            spread = channel_stats(run(weight, None))[1]
+            weight *= (math.sqrt(gain) / np.sqrt(np.maximum(spread, 1e-12))).astype(np.float32)[:, None, None, None]
         inputs = [x, self.weight(name, "weight", weight)]
         b = None
         if bias:
-            b = self._rand_normal((out_ch,), 0.1 * math.sqrt(gain))
+            b = self._rand_normal((out_ch,), (0.01 if center else 0.1) * math.sqrt(gain))
             inputs.append(self.weight(name, "bias", b))
         out_shape = (n, out_ch, _conv_out(h, kh, stride, ph, ph, dilation), _conv_out(w, kw, stride, pw, pw, dilation))
-        value = self._apply(x, lambda v: np_conv2d(v, weight, b, stride, [ph, pw, ph, pw], dilation, group))
+        value = None if x_value is None else run(weight, b)
         return self.node("Conv", inputs, name=name, shape=out_shape, value=value,
                          dilations=[dilation, dilation], group=group, kernel_shape=[kh, kw],
                          pads=[ph, pw, ph, pw], strides=[stride, stride])
@@ -600,4 +614,17 @@ class GraphBuilder:
         model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxopt.models",
                                   producer_version="1", doc_string=doc)
         model.ir_version = helper.find_min_ir_version_for(opsets[:1])
+        if model.ir_version < 4:
+            # IR 3 (opsets 7-8) requires every initializer to be a graph input too, as old exports show
+            for g in _all_graphs(model.graph):
+                g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer)
         return model
+
+
+def _all_graphs(graph: onnx.GraphProto) -> Iterable[onnx.GraphProto]:
+    """The graph and every subgraph nested in its nodes' attributes."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+                yield from _all_graphs(sub)

@@ -243,21 +243,24 @@ def squeezenet11(seed: int = 0, batch=1, opset: int = 17, image_size: int = 224,
     """SqueezeNet 1.1 (torchvision topology): Fire modules, ceil-mode max-pools, conv classifier."""
     b = GraphBuilder("squeezenet11", seed, opset)
     x = _image_input(b, batch, image_size)
-    w = lambda c: _scaled(c, width)  # noqa: E731
+    ch = lambda c: _scaled(c, width)  # noqa: E731
     fires = {3: (16, 64), 4: (16, 64), 6: (32, 128), 7: (32, 128), 9: (48, 192), 10: (48, 192),
              11: (64, 256), 12: (64, 256)}
     with b.scope("features"):
-        x = b.relu(b.conv(x, w(64), 3, 2, 0, name="0"), name="1")
+        x = b.relu(b.conv(x, ch(64), 3, 2, 0, name="0"), name="1")
         for index in range(2, 13):
             if index in (2, 5, 8):
                 x = b.maxpool(x, 3, 2, ceil_mode=True, name=str(index))
             else:
                 squeeze, expand = fires[index]
                 with b.scope(index):
-                    x = _fire(b, x, w(squeeze), w(expand), w(expand))
+                    x = _fire(b, x, ch(squeeze), ch(expand), ch(expand))
     with b.scope("classifier"):
         x = b.dropout(x, 0.5, name="0")
-        x = b.relu(b.conv(x, num_classes, 1, 1, 0, name="1"), name="2")
+        # conv classifier: its outputs are averaged over the h x w map, so a gain of 2·h·w
+        # gives class scores that differ by O(1) between inputs
+        h, w = b.shape(x)[2:]
+        x = b.relu(b.conv(x, num_classes, 1, 1, 0, gain=2.0 * h * w, center=True, name="1"), name="2")
         x = b.global_avgpool(x, name="3")
     logits = b.flatten(x)
     return b.build({"logits": logits}, _doc("squeezenet11", seed=seed, batch=batch, opset=opset,
@@ -307,18 +310,18 @@ def inception(seed: int = 0, batch=1, opset: int = 17, image_size: int = 224, wi
     """GoogLeNet (Inception v1) without the training-only auxiliary heads, BN after every conv."""
     b = GraphBuilder("inception", seed, opset)
     x = _image_input(b, batch, image_size)
-    w = lambda c: _scaled(c, width)  # noqa: E731
+    ch = lambda c: _scaled(c, width)  # noqa: E731
     with b.scope("conv1"):
-        x = _basic_conv(b, x, w(64), 7, 2, 3)
+        x = _basic_conv(b, x, ch(64), 7, 2, 3)
     x = b.maxpool(x, 3, 2, ceil_mode=True, name="maxpool1")
     with b.scope("conv2"):
-        x = _basic_conv(b, x, w(64), 1)
+        x = _basic_conv(b, x, ch(64), 1)
     with b.scope("conv3"):
-        x = _basic_conv(b, x, w(192), 3)
+        x = _basic_conv(b, x, ch(192), 3)
     x = b.maxpool(x, 3, 2, ceil_mode=True, name="maxpool2")
     for block, channels in INCEPTION_BLOCKS.items():
         with b.scope(block):
-            x = _inception_block(b, x, *(w(c) for c in channels))
+            x = _inception_block(b, x, *(ch(c) for c in channels))
         if block == "inception3b":
             x = b.maxpool(x, 3, 2, ceil_mode=True, name="maxpool3")
         elif block == "inception4e":

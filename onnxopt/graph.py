@@ -34,10 +34,49 @@ gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
 
 # --------------------------------------------------------------------------- import / export
 def import_model(model: onnx.ModelProto) -> gs.Graph:
-    """ONNX model → gs.Graph with Constant nodes lifted to constants."""
+    """ONNX model → gs.Graph with Constant nodes lifted to constants.
+
+    Initializers that are also graph inputs in IR ≥ 4 are *overridable defaults*
+    (ONNX IR spec): the caller may feed them. gs would treat them as constants and
+    drop the input, so they stay graph inputs (Variables) and their default values
+    are written back on export.
+    """
     graph = gs.import_onnx(model)
+    _keep_overridable_initializers(graph, model)
     lift_constant_nodes(graph)
     return graph
+
+
+OVERRIDABLE_ATTR = "onnxopt_overridable_defaults"
+
+
+def _keep_overridable_initializers(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    if model.ir_version < 4:
+        return  # before IR 4 every initializer had to be listed as an input: they are constants
+    init_names = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name in init_names]
+    if not names:
+        return
+    tensors = graph.tensors()
+    defaults = {}
+    for position, proto_input in enumerate(model.graph.input):
+        name = proto_input.name
+        if name not in names:
+            continue
+        const = tensors.get(name)
+        values = const.values if isinstance(const, gs.Constant) else numpy_helper.to_array(
+            next(t for t in model.graph.initializer if t.name == name))
+        var = gs.Variable(name, dtype=values.dtype, shape=list(values.shape))
+        if isinstance(const, gs.Constant):
+            const.name = name + "__overridable_default"
+            for node in list(const.outputs):
+                for i, t in enumerate(node.inputs):
+                    if t is const:
+                        node.inputs[i] = var
+        graph.inputs.insert(min(position, len(graph.inputs)), var)
+        defaults[name] = values
+    # gs.Graph.__getattr__ treats unknown attributes as function look-ups: use __dict__ directly.
+    graph.__dict__[OVERRIDABLE_ATTR] = defaults
 
 
 def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -48,6 +87,11 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     them from ``graph.import_domains``.
     """
     model = gs.export_onnx(graph, do_type_check=False)
+    defaults = graph.__dict__.get(OVERRIDABLE_ATTR, {})
+    input_names = {i.name for i in model.graph.input}
+    for name, value in defaults.items():
+        if name in input_names:
+            model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     if template is not None:
         model.doc_string = template.doc_string
         model.domain = template.domain
@@ -372,6 +416,43 @@ def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> gs
     return import_model(inferred)
 
 
+def constant_nbytes(tensor: gs.Constant) -> int:
+    """Payload size of a constant from its shape and dtype, without loading lazy values."""
+    try:
+        itemsize = np.dtype(tensor.dtype).itemsize
+    except TypeError:
+        itemsize = 4
+    return int(np.prod(tensor.shape, dtype=np.int64)) * itemsize if tensor.shape is not None else 0
+
+
+def export_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None,
+                    payload_limit: int = 1024) -> onnx.ModelProto:
+    """Export for analysis (shape inference): constants over ``payload_limit`` bytes become
+    typed main-graph inputs, so no weight bytes are copied (exporting a 500 MB VGG-16 with
+    its weights costs seconds in protobuf copies). Only small integer tensors matter to
+    data propagation. The graph is restored before returning.
+    """
+    stand_ins: dict[int, gs.Variable] = {}
+    swapped: list[tuple[gs.Node, int, gs.Constant]] = []
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for i, t in enumerate(node.inputs):
+                if isinstance(t, gs.Constant) and constant_nbytes(t) > payload_limit:
+                    var = stand_ins.get(id(t))
+                    if var is None:
+                        var = stand_ins[id(t)] = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
+                    swapped.append((node, i, t))
+                    node.inputs[i] = var
+    original_inputs = list(graph.inputs)
+    graph.inputs.extend(stand_ins.values())
+    try:
+        return export_model(graph, template)
+    finally:
+        graph.inputs[:] = original_inputs
+        for node, i, t in swapped:
+            node.inputs[i] = t
+
+
 def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
                     payload_limit: int = 1024) -> dict[str, list[int | str | None]]:
     """Tensor name → dims (int, dim_param string or None) found by ONNX shape inference.
@@ -382,16 +463,7 @@ def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
     model costs one export instead of serialising every weight into the C++ checker.
     Returns an empty dict when inference fails (custom ops with strict checks, >2 GB).
     """
-    model = export_model(graph, template)
-    listed = {i.name for i in model.graph.input}
-    small = []
-    for t in model.graph.initializer:
-        if t.ByteSize() <= payload_limit:
-            small.append(t)
-        elif t.name not in listed:
-            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(small)
+    model = export_skeleton(graph, template, payload_limit)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:

@@ -142,6 +142,8 @@ class PassManager:
             seen_outputs: set[str] = set()
             for node in g.nodes:
                 for t in node.outputs:
+                    if t.name == "":
+                        continue  # an omitted optional output
                     if t.name in seen_outputs:
                         raise InvariantError(name, f"tensor '{t.name}' is produced twice")
                     seen_outputs.add(t.name)

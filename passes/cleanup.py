@@ -76,18 +76,15 @@ class TensorTypes:
         self._table: dict[int, tuple[gs.Tensor, int | None, tuple | None]] = {}
         if not infer:
             return
-        from onnxopt.io import PROTOBUF_LIMIT, tensor_payload_bytes
-
         try:
-            model = G.export_model(graph, template)
+            # weights become typed inputs: inference needs their shapes, not their bytes
+            model = G.export_skeleton(graph, template)
         except Exception:  # a graph gs cannot export yet: go without inferred types
             return
-        _weights_as_inputs(model.graph)
-        if tensor_payload_bytes(model) <= PROTOBUF_LIMIT:
-            try:
-                model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-            except Exception:  # custom ops or an inconsistent model: keep declared types only
-                pass
+        try:
+            model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # custom ops or an inconsistent model: keep declared types only
+            pass
         self._collect(graph, model.graph, {})
 
     def _collect(self, g: gs.Graph, proto: onnx.GraphProto, outer: dict) -> None:
@@ -136,23 +133,6 @@ class TensorTypes:
         if shape is None or any(not isinstance(d, int) for d in shape):
             return None
         return shape
-
-
-def _weights_as_inputs(graph_proto: onnx.GraphProto, payload_limit: int = 1024) -> None:
-    """Turn big main-graph initializers into typed inputs before inference (as graph.inferred_shapes does).
-
-    Inference needs their types and shapes, not their bytes; only small integer tensors
-    matter to data propagation. This keeps a 100 MB model from being copied into the checker.
-    """
-    listed = {i.name for i in graph_proto.input}
-    small = []
-    for t in graph_proto.initializer:
-        if t.ByteSize() <= payload_limit:
-            small.append(t)
-        elif t.name not in listed:
-            graph_proto.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    del graph_proto.initializer[:]
-    graph_proto.initializer.extend(small)
 
 
 def _value_info_type(info: onnx.ValueInfoProto) -> tuple[int | None, tuple | None]:

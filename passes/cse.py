@@ -181,10 +181,11 @@ def share_identical_constants(graph: gs.Graph) -> tuple[int, int]:
     for t in constants:
         if id(t) in protected:
             continue
-        value = G.constant_value(t)
-        if value is None:
+        try:  # dtype and shape are known without loading lazy values (a full load of VGG-16 costs ~1 s)
+            layout = (np.dtype(t.dtype).str, tuple(int(d) for d in t.shape))
+        except (TypeError, ValueError):
             continue
-        by_layout[(np.asarray(value).dtype.str, tuple(np.shape(value)))].append(t)
+        by_layout[layout].append(t)
 
     merged = saved = 0
     for group in by_layout.values():

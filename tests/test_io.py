@@ -124,3 +124,23 @@ def test_subgraph_model_stays_valid():
     for cond in (True, False):
         feeds = [{"c": np.array(cond), "x": np.array([1.0, -2.0], np.float32)}]
         assert_same_outputs(m, out, feeds)
+
+
+def test_overridable_initializers_stay_inputs_with_their_defaults():
+    # IR >= 4: an initializer also listed as a graph input is a default the caller may override.
+    b = np.array([1.0, 2.0], np.float32)
+    m = make_model([helper.make_node("Identity", ["x"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])],
+                   [vi("x", [2]), vi("b", [2])], [vi("y", [2])], [init("b", b)])
+    out = onnxopt.optimize(m).model
+    onnx.checker.check_model(out)
+    assert [i.name for i in out.graph.input] == ["x", "b"]
+    assert [t.name for t in out.graph.initializer] == ["b"]
+    x = np.array([3.0, 4.0], np.float32)
+    assert_same_outputs(m, out, [{"x": x}, {"x": x, "b": np.array([10.0, 20.0], np.float32)}])
+
+
+def test_omitted_optional_outputs_do_not_trip_invariants():
+    # Two nodes with an omitted ("") optional output: names "" are not tensors.
+    nodes = [helper.make_node("Dropout", ["x"], ["a", ""]), helper.make_node("Dropout", ["a"], ["y", ""])]
+    m = make_model(nodes, [vi("x", [2])], [vi("y", [2])])
+    onnxopt.PassManager([]).run(m)

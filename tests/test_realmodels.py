@@ -184,10 +184,21 @@ def test_image_feeds_follow_each_models_preprocessing():
     assert rec.min() >= -1 and rec.max() <= 1
     assert np.all(rec[..., -20:] == 0)  # "Let us first" is narrower than 48x320: zero padding
     assert np.abs(rec[..., :100]).mean() > 0.1
+    assert image_feeds(REAL_MODELS["mtcnn_p"], 1)[0]["input_1"].shape == (1, 160, 120, 3)  # N, W, H, C
     onet = image_feeds(REAL_MODELS["mtcnn_o"], 2)
-    assert onet[0]["input_3"].shape == (4, 48, 48, 3)  # NHWC, four faces per batch
+    assert onet[0]["input_3"].shape == (4, 48, 48, 3)  # four faces per batch
     assert not np.array_equal(onet[0]["input_3"], onet[1]["input_3"])
     assert np.abs(onet[0]["input_3"]).max() <= 1.0
+
+
+def test_mtcnn_sees_the_faces_through_our_preprocessing(real_model_path):
+    """MTCNN wants RGB, (x-127.5)/128 and the image transposed (N, W, H, C): then its O-Net is
+    sure of the LFW faces (untransposed, it scores most of them below 0.6)."""
+    from onnxopt.runtime import make_session
+
+    session = make_session(real_model_path("mtcnn_o"), optimization="disable")
+    scores = np.concatenate([session.run(["softmax_2"], f)[0][:, 1] for f in image_feeds(REAL_MODELS["mtcnn_o"], 3)])
+    assert len(scores) == 12 and np.median(scores) > 0.95
 
 
 def test_synthetic_speech_is_deterministic_and_has_pauses():

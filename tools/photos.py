@@ -32,7 +32,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 SAMPLE_RATE = 16000
 
 SCENE_NAMES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "immunohistochemistry",
-               "hubble_deep_field", "cat", "moon", "logo", "brick")
+               "hubble_deep_field", "moon", "logo", "brick")
 
 
 def _rgb(img: np.ndarray) -> np.ndarray:
@@ -185,7 +185,8 @@ def normalize(pixels: np.ndarray, how: str) -> np.ndarray:
 
 def image_tensor(img: np.ndarray, height: int, width: int, *, normalization: str, layout: str = "NCHW",
                  channel_order: str = "RGB", keep_ratio: bool = False) -> np.ndarray:
-    """One photo → a float32 CHW or HWC array for a model."""
+    """One photo → a float32 array for a model: ``layout`` NCHW gives CHW, NHWC gives HWC,
+    NWHC gives the transposed image WHC (MTCNN)."""
     if channel_order == "BGR":
         img = img[..., ::-1]
     if keep_ratio:
@@ -194,7 +195,13 @@ def image_tensor(img: np.ndarray, height: int, width: int, *, normalization: str
         x[:, :new_w] = normalize(small, normalization)
     else:
         x = normalize(resize(np.ascontiguousarray(img), height, width), normalization)
-    return x.transpose(2, 0, 1) if layout == "NCHW" else x
+    if layout == "NCHW":
+        return x.transpose(2, 0, 1)
+    if layout == "NWHC":
+        return x.transpose(1, 0, 2)
+    if layout == "NHWC":
+        return x
+    raise ValueError(f"unknown layout '{layout}'")
 
 
 def image_feeds(spec, n: int = 4) -> list[dict[str, np.ndarray]]:

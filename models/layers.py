@@ -27,14 +27,15 @@ builder also runs them in numpy on a small *probe* batch of standard-normal inpu
   (random deep nets otherwise map every input to nearly the same logits).
 
 Everything is a function of the seed: weights come from one ``numpy.random.Generator``
-in the order the layers are added, the probe from a second one. The probe goes through
-BLAS in float32, so the bytes are identical on one machine; another CPU type may round
-a BN statistic or weight scale differently in the last bit.
+in the order the layers are added, the probe from a second one. The probe runs through
+BLAS in float32 on one thread, so the bytes are identical on one machine; another CPU
+type may round a BN statistic or weight scale differently in the last bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Iterable, Sequence
 
@@ -49,6 +50,12 @@ FLOAT = TensorProto.FLOAT
 INT64 = TensorProto.INT64
 _SAME = object()  # "copy the value of input 0" marker for GraphBuilder.node
 BN_PRIOR_SAMPLES = 8  # weight of the pooled variance when BN statistics come from few probe values
+
+try:  # installed with scikit-learn, an onnxopt dependency
+    from threadpoolctl import ThreadpoolController
+    _BLAS = ThreadpoolController()
+except ImportError:  # pragma: no cover
+    _BLAS = None
 
 
 # ---------------------------------------------------------------------------- numpy reference ops
@@ -71,10 +78,29 @@ def _windows(x: np.ndarray, kh: int, kw: int, stride: int, dilation: int, out_h:
             yield i, j, x[tuple(index)]
 
 
+def _one_blas_thread():
+    """Run BLAS on one thread: the same bytes whatever OPENBLAS_NUM_THREADS says (threads split
+    dot products, changing the summation order), and on a busy 2-core machine spinning
+    OpenBLAS threads cost more than they give to the probe's small GEMMs."""
+    if _BLAS is None:
+        return contextlib.nullcontext()
+    return _BLAS.limit(limits=1, user_api="blas")
+
+
+def _single_blas_thread(fn):
+    """Decorator: fn's BLAS calls (GEMMs, dot products) run on one thread, see _one_blas_thread."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _one_blas_thread():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_single_blas_thread
 def np_conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int, pads: Sequence[int],
               dilation: int, group: int) -> np.ndarray:
     """ONNX Conv: one GEMM per kernel tap and group on NHWC slices (fast enough for 224x224 VGG)."""
-    n, c, h, wd = x.shape
+    n, c = x.shape[:2]
     o, cg, kh, kw = w.shape
     xp = _pad_hw(x, pads)
     out_h = (xp.shape[2] - dilation * (kh - 1) - 1) // stride + 1
@@ -125,7 +151,23 @@ def _conv_out(size: Dim, k: int, stride: int, pad_begin: int, pad_end: int, dila
     # ceil_mode never starts a window entirely inside the end padding (PyTorch/ORT rule)
     if ceil_mode and (out - 1) * stride >= size + pad_begin:
         out -= 1
+    if out < 1:
+        raise ValueError(f"a {k}x{k} window (stride {stride}) does not fit a feature map of size {size}: "
+                         "the input is too small for this model")
     return out
+
+
+def _reshaped(shape: Shape, target: Sequence[int]) -> Shape:
+    """Output shape of ONNX Reshape (0 copies the input dim, -1 takes the rest), "?" where unknown."""
+    out: list[Dim] = [shape[i] if d == 0 else d for i, d in enumerate(target)]
+    if -1 in target:
+        rest = [d for i, d in enumerate(shape) if not (i < len(target) and target[i] == 0)]
+        known = [d for d in out if isinstance(d, int) and d != -1]
+        if all(isinstance(d, int) for d in rest) and math.prod(known) > 0:
+            out[target.index(-1)] = math.prod(rest) // math.prod(known)
+        else:
+            out[target.index(-1)] = "?"
+    return tuple(out)
 
 
 def channel_stats(value: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -147,8 +189,8 @@ class GraphBuilder:
 
     def __init__(self, name: str = "model", seed: int = 0, opset: int = 17,
                  weights_as_constants: bool = False, probe_batch: int = 2):
-        if opset < 7:
-            raise ValueError(f"opset {opset} is not supported: the builders emit opset 7 or newer")
+        if not 7 <= opset <= onnx.defs.onnx_opset_version():
+            raise ValueError(f"opset {opset} is not supported: use 7 to {onnx.defs.onnx_opset_version()}")
         self.name = name
         self.opset = opset
         self.weights_as_constants = weights_as_constants
@@ -220,6 +262,7 @@ class GraphBuilder:
             raise ValueError(f"tensor {x} has no static channel count: {self.shapes[x]}")
         return c
 
+    @_single_blas_thread
     def second_moment(self, x: str) -> float:
         """E[x²] of ``x`` on the probe batch (1 when unknown)."""
         value = self.values.get(x)
@@ -294,6 +337,7 @@ class GraphBuilder:
         return None if value is None else np.asarray(fn(value), dtype=value.dtype)
 
     # ------------------------------------------------------------------ layers
+    @_single_blas_thread
     def conv(self, x: str, out_ch: int, k: int | tuple[int, int] = 3, stride: int = 1, pad: int | None = None,
              group: int = 1, dilation: int = 1, bias: bool = True, *, gain: float = 2.0, center: bool = False,
              name: str | None = "conv") -> str:
@@ -466,8 +510,8 @@ class GraphBuilder:
             target = [int(d) for d in shape]
             with self._maybe_scope(name):
                 shape = self.constant("shape", target, np.int64)
-            if out_shape is None and all(d > 0 for d in target):
-                out_shape = target
+            if out_shape is None:
+                out_shape = _reshaped(self.shapes[x], target)
         target_value = self.values.get(shape)
         value = None
         if target_value is not None:
@@ -490,6 +534,7 @@ class GraphBuilder:
         return self.node("Gather", [x, idx], name=name, shape=shape, axis=axis,
                          value=self._apply(x, lambda v: np.take(v, index, axis=axis)))
 
+    @_single_blas_thread
     def gemm(self, x: str, out_features: int, bias: bool = True, *, gain: float = 1.0, center: bool = False,
              name: str | None = "fc") -> str:
         """nn.Linear as PyTorch exports it: Gemm(x, W[out, in], b, transB=1).
@@ -519,6 +564,7 @@ class GraphBuilder:
         return self.node("Gemm", inputs, name=name, shape=(n, out_features), value=out,
                          alpha=1.0, beta=1.0, transB=1)
 
+    @_single_blas_thread
     def matmul(self, x: str, out_features: int, *, gain: float = 1.0, name: str | None = "linear") -> str:
         """x @ W with W [in, out] (a MatMul node; add the bias with :meth:`bias_add`)."""
         shape = self.shapes[x]

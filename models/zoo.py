@@ -1,7 +1,9 @@
 """Builders of standard architectures and small test nets, with random weights (no torch).
 
 Every builder is ``NAME(seed=0, batch=1, opset=17, **options) -> onnx.ModelProto`` and is
-a pure function of its arguments: the same call gives byte-identical models. The graphs
+a pure function of its arguments: the same call gives byte-identical models (on one
+machine; see :mod:`models.layers` for how weights and BN statistics are drawn). ``batch``
+may be a name such as ``"N"`` for a dynamic batch dimension. The graphs
 look like un-simplified exports of eval-mode PyTorch models (BatchNormalization not folded
 into convs, Dropout kept, Flatten + Gemm classifier heads, ReLU6 as Clip), so a pass that
 works on them has real work to do. Weight names follow torchvision's state-dict names.
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
+import tempfile
 from typing import Callable
 
 import numpy as np
@@ -46,6 +50,8 @@ def _scaled(channels: int, width: float, divisor: int = 8) -> int:
 
     The rule of torchvision's ``_make_divisible`` (MobileNetV2 reference code).
     """
+    if width <= 0:
+        raise ValueError(f"width must be positive, got {width}")
     if width == 1.0:
         return channels
     target = channels * width
@@ -213,12 +219,15 @@ def vgg16(seed: int = 0, batch=1, opset: int = 17, image_size: int = 224, width:
         raise ValueError(f"vgg16 needs image_size >= 32 (five 2x2 max-pools), got {image_size}")
     b = GraphBuilder("vgg16", seed, opset)
     x = _image_input(b, batch, image_size)
+    index = 0  # torchvision's nn.Sequential index: conv, ReLU and pool each take one
     with b.scope("features"):
-        for index, item in enumerate(VGG16_CONFIG):
+        for item in VGG16_CONFIG:
             if item == "M":
                 x = b.maxpool(x, 2, 2, name=str(index))
+                index += 1
             else:
-                x = b.relu(b.conv(x, _scaled(item, width), 3, 1, 1, name=str(index)), name=str(index))
+                x = b.relu(b.conv(x, _scaled(item, width), 3, 1, 1, name=str(index)), name=str(index + 1))
+                index += 2
     x = b.flatten(x)
     hidden = _scaled(4096, width)
     with b.scope("classifier"):
@@ -357,17 +366,18 @@ def tiny_mlp(seed: int = 0, batch=1, opset: int = 17) -> onnx.ModelProto:
 
 
 def tiny_if(seed: int = 0, batch=1, opset: int = 17) -> onnx.ModelProto:
-    """An If whose branches hold Conv(+BN)/Add and read outer-scope tensors.
+    """An If whose branches hold Conv(+BN)/Add and read outer-scope tensors: 1x3x8x8, 10 logits.
 
-    ``cond = ReduceMean(h) > 0`` on the stem output ``h``. The then-branch runs a 3x3 conv
+    ``cond = ReduceMean(input) > 0``, so random inputs take either branch. On the stem
+    output ``h`` (Conv + ReLU in the main graph), the then-branch runs a 3x3 conv
     and BN whose weights live in the outer graph, plus Add(h); the else-branch a 1x1 conv
     with its own initializers, plus Add(h). Input 1x3x8x8, 10 logits.
     """
     b = GraphBuilder("tiny_if", seed, opset)
     x = b.input("input", [batch, 3, 8, 8])
     h = b.relu(b.conv(x, 4, 3, name="stem"), name="stem_relu")
-    probe = b.values[h]
-    mean = b.node("ReduceMean", [h], name="cond", shape=(), keepdims=0,
+    probe = b.values[x]
+    mean = b.node("ReduceMean", [x], name="cond", shape=(), keepdims=0,
                   value=np.array(probe.mean(), np.float32))
     cond = b.node("Greater", [mean, b.constant("zero", 0.0)], name="cond", shape=(), dtype=TensorProto.BOOL,
                   value=np.array(probe.mean() > 0))
@@ -400,9 +410,10 @@ def tiny_constant_weights(seed: int = 0, batch=1, opset: int = 17) -> onnx.Model
 
 
 def tiny_dynamic(seed: int = 0, batch="N", opset: int = 17) -> onnx.ModelProto:
-    """Dynamic batch ``N`` and the flatten PyTorch writes for ``x.view(x.size(0), -1)``:
+    """Dynamic batch ``N`` and PyTorch's Shape-Gather-Unsqueeze-Concat-Reshape flatten: Nx3x16x16, logits Nx10.
 
-    Shape -> Gather(0) -> Unsqueeze -> Concat([n, -1]) -> Reshape. Input Nx3x16x16, logits Nx10.
+    The chain is what ``x.view(x.size(0), -1)`` exports to: Shape -> Gather(0) ->
+    Unsqueeze -> Concat([n, -1]) -> Reshape.
     """
     b = GraphBuilder("tiny_dynamic", seed, opset)
     x = b.input("input", [batch, 3, 16, 16])
@@ -463,9 +474,16 @@ def _summary(fn: Callable) -> str:
     return (inspect.getdoc(fn) or "").splitlines()[0]
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes end in one line and exit code 2, like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}. Fix: see python -m models.zoo --help.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.zoo",
-                                     description="Write a model with random weights built by models.zoo.")
+    parser = _OneLineErrorParser(prog="python -m models.zoo",
+                                 description="Write a model with random weights built by models.zoo.")
     parser.add_argument("name", nargs="?", help="model name (see --list)")
     parser.add_argument("-o", "--output", help="path of the .onnx file to write")
     parser.add_argument("--list", action="store_true", help="list the model names and exit")
@@ -489,7 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     fn = BUILDERS[args.name]
     kwargs = {"seed": args.seed, "opset": args.opset}
     if args.batch is not None:
-        kwargs["batch"] = int(args.batch) if args.batch.isdigit() else args.batch
+        if args.batch.isdigit() and int(args.batch) > 0:
+            kwargs["batch"] = int(args.batch)
+        elif args.batch.isidentifier():
+            kwargs["batch"] = args.batch
+        else:
+            print(f"error: bad --batch '{args.batch}'. Fix: give a positive integer or a name such as N.",
+                  file=sys.stderr)
+            return 2
     accepted = inspect.signature(fn).parameters
     for option, key in (("--image-size", "image_size"), ("--width", "width")):
         value = getattr(args, key)
@@ -504,7 +529,19 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    onnx.save_model(model, args.output)
+    # write to a temporary file and rename, so a failed write leaves no partial model
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=os.path.dirname(os.path.abspath(args.output)))
+        with os.fdopen(fd, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(tmp, args.output)
+    except OSError as exc:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        print(f"error: cannot write {args.output}: {exc.strerror or exc}. Fix: choose a writable path.",
+              file=sys.stderr)
+        return 2
     print(f"wrote {args.output}: {args.name}, {len(model.graph.node)} nodes, opset {args.opset}")
     return 0
 

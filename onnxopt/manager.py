@@ -74,7 +74,11 @@ class PassManager:
         if ctx.template is None:
             ctx.template = model
         start = time.perf_counter()
-        graph = G.import_model(model)
+        # gs's exporter writes into the TensorProtos it imported (names of attribute tensors,
+        # renamed constants), so work on a copy: the caller's model is never modified.
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        graph = G.import_model(work)
         graph.cleanup().toposort()
         self._reference = None
         if self.verify_each:

@@ -25,8 +25,8 @@ def real_feeds(real_model_path):
     """``real_feeds(name, n) -> list of feed dicts`` of real photos / the synthetic speech signal."""
     from tools.photos import real_model_feeds
 
-    def get(name: str, n: int = 3):
+    def get(name: str, n: int = 3, **options):
         real_model_path(name)  # skip first if the model cannot be fetched
-        return real_model_feeds(name, n)
+        return real_model_feeds(name, n, **options)
 
     return get

@@ -219,29 +219,30 @@ def image_feeds(spec, n: int = 4) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def synthetic_speech(seconds: float = 3.0, seed: int = 0) -> np.ndarray:
-    """A deterministic speech-like float32 signal in [-1, 1] at 16 kHz (NOT real speech).
+def synthetic_speech(seconds: float = 3.0, seed: int = 0, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """A deterministic speech-like float32 signal in [-1, 1] (NOT real speech), 16 kHz by default.
 
     Syllables of ~200 ms cycle through the vowels /a/, /i/, /u/, /e/; each is a glottal
     pulse train (f0 gliding 110→180 Hz with 5 Hz vibrato) whose harmonics are weighted by
     resonances at the vowel's first three formants (Peterson & Barney 1952 averages).
     Every fourth syllable is a pause, and white noise at about -40 dB runs throughout.
+    Harmonics above 0.45 x ``sample_rate`` are left out (no aliasing).
     """
     rng = np.random.default_rng(seed)
-    n = int(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
+    n = int(seconds * sample_rate)
+    t = np.arange(n) / sample_rate
     formants = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480)]
     syllable = 0.2
     index = (t // syllable).astype(int)
     phase_in_syllable = (t % syllable) / syllable
     f0 = 110 + 70 * phase_in_syllable + 3 * np.sin(2 * np.pi * 5 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / SAMPLE_RATE
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
     signal = np.zeros(n)
     for k in range(1, 30):  # harmonics up to ~5 kHz
         hk = k * f0
         vowel = np.array(formants)[index % len(formants)]
         # Resonance gain of each formant (bandwidth ~ 80 Hz), summed; 1/k is the glottal roll-off.
-        gain = sum(1.0 / (1.0 + ((hk - vowel[:, j]) / 80.0) ** 2) for j in range(3))
+        gain = sum(1.0 / (1.0 + ((hk - vowel[:, j]) / 80.0) ** 2) for j in range(3)) * (hk < 0.45 * sample_rate)
         signal += gain / k * np.sin(k * phase)
     envelope = np.sin(np.pi * phase_in_syllable) ** 2 * (index % 4 != 3)
     signal = signal * envelope
@@ -261,26 +262,31 @@ def _audio_rows(audio: np.ndarray, count: int, chunk: int, context: int) -> list
     return rows
 
 
-def audio_feeds(spec, n: int = 4, model=None) -> list[dict[str, np.ndarray]]:
-    """``n`` Silero VAD feeds from the synthetic speech signal, 16 kHz, 512-sample chunks.
+def audio_feeds(spec, n: int = 4, model=None, sample_rate: int = SAMPLE_RATE) -> list[dict[str, np.ndarray]]:
+    """``n`` Silero VAD feeds from the synthetic speech signal, 16 kHz (512-sample chunks)
+    or, for models with an ``sr`` input, 8 kHz (256-sample chunks; the other If branch).
 
-    ``audio``: one chunk per feed (plus 64 context samples), ``sr`` = 16000 where the model
-    takes it, LSTM ``state`` zeros. With ``model`` (a path or ModelProto of that model) the
+    ``audio``: one chunk per feed (plus 64, or 32 at 8 kHz, context samples), ``sr`` where
+    the model takes it, LSTM ``state`` zeros. With ``model`` (a path or ModelProto of that model) the
     state is carried from chunk to chunk by running it in onnxruntime, as in streaming use,
     so later feeds hold a realistic non-zero state.
     ``audio_sequence``: each feed is a block of consecutive chunks, h and c zeros.
     """
     from tools.realmodels import SILERO_CHUNK, SILERO_CONTEXT
 
-    audio = synthetic_speech()
     names = {i.name: i for i in spec.inputs}
+    if sample_rate != SAMPLE_RATE and not (sample_rate == 8000 and "sr" in names):
+        raise ValueError(f"{spec.name} takes 16 kHz audio only" if "sr" not in names else "Silero VAD takes 8 or 16 kHz")
+    audio = synthetic_speech(sample_rate=sample_rate)
+    chunk = SILERO_CHUNK * sample_rate // SAMPLE_RATE
+    context = SILERO_CONTEXT * sample_rate // SAMPLE_RATE
     if spec.data == "audio_sequence":
         rows_per_feed = names["input"].shape[0]
-        rows = _audio_rows(audio, n * rows_per_feed, SILERO_CHUNK, SILERO_CONTEXT)
+        rows = _audio_rows(audio, n * rows_per_feed, chunk, context)
         return [{"input": np.stack(rows[i * rows_per_feed:(i + 1) * rows_per_feed]),
                  "h": np.zeros(names["h"].shape, np.float32), "c": np.zeros(names["c"].shape, np.float32)}
                 for i in range(n)]
-    rows = _audio_rows(audio, n, SILERO_CHUNK, SILERO_CONTEXT)
+    rows = _audio_rows(audio, n, chunk, context)
     session = None
     if model is not None:
         from onnxopt.runtime import make_session
@@ -291,22 +297,23 @@ def audio_feeds(spec, n: int = 4, model=None) -> list[dict[str, np.ndarray]]:
     for row in rows:
         feed = {"input": row[None, :], "state": state}
         if "sr" in names:
-            feed["sr"] = np.array(SAMPLE_RATE, np.int64)
+            feed["sr"] = np.array(sample_rate, np.int64)
         feeds.append(feed)
         if session is not None:
             state = session.run(["stateN"], feed)[0]
     return feeds
 
 
-def real_model_feeds(name: str, n: int = 4) -> list[dict[str, np.ndarray]]:
-    """Feeds for a real model by name (fetches the model for audio models to carry their state)."""
+def real_model_feeds(name: str, n: int = 4, sample_rate: int = SAMPLE_RATE) -> list[dict[str, np.ndarray]]:
+    """Feeds for a real model by name (fetches the model for audio models to carry their state);
+    ``sample_rate`` 8000 for the Silero models that take ``sr``."""
     from tools.realmodels import REAL_MODELS, real_model_path
 
     spec = REAL_MODELS[name]
     if spec.data == "image":
         return image_feeds(spec, n)
     model = real_model_path(name) if spec.data == "audio" else None
-    return audio_feeds(spec, n, model=model)
+    return audio_feeds(spec, n, model=model, sample_rate=sample_rate)
 
 
 def builder_feeds(model, n: int = 4, size: int = 224) -> list[dict[str, np.ndarray]]:

@@ -140,7 +140,13 @@ def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
             yield from iter_graphs(sub)
 
 
+# Standard ops that carry graph attributes; custom-domain ops are inspected too.
+_SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    if node.op not in _SUBGRAPH_OPS and node.domain in DEFAULT_DOMAINS + (None,):
+        return []  # fast path: this runs for every node of every traversal
     subs = []
     for value in node.attrs.values():
         if isinstance(value, gs.Graph):

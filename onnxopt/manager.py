@@ -122,11 +122,12 @@ class PassManager:
             raise
         except Exception as exc:
             raise PassFailed(p.name, exc) from exc
-        # Name clashes confuse gs.cleanup, so check them before cleaning up.
-        self._check_invariants(p.name, graph)
-        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        if result.changed:  # the contract: changed=False means the graph was not touched
+            # Name clashes confuse gs.cleanup, so check them before cleaning up.
+            self._check_invariants(p.name, graph)
+            graph.cleanup(remove_unused_graph_inputs=False).toposort()
+            self._check_invariants(p.name, graph)
         seconds = time.perf_counter() - t0
-        self._check_invariants(p.name, graph)
         rec = PassRecord(p.name, rnd, seconds, bool(result.changed), before, G.node_count(graph),
                          dict(result.counters), list(result.notes))
         if self.check_each or self.verify_each:

@@ -42,6 +42,8 @@ class NoOptions:
 
 @dataclass
 class PassResult:
+    # True when the pass rewrote the graph. False promises the graph is untouched: the
+    # PassManager then skips cleanup, toposort and verification for this pass.
     changed: bool
     counters: dict[str, float] = field(default_factory=dict)
     # Human-readable notes, e.g. why a candidate was skipped ("Conv_3: weight is not constant").

@@ -81,6 +81,7 @@ class PassManager:
         graph = G.import_model(work)
         graph.cleanup().toposort()
         self._reference = None
+        self._noise_rel_l2 = 0.0
         if self.verify_each:
             feeds = self.verify_feeds
             if feeds is None:
@@ -89,6 +90,12 @@ class PassManager:
             from .runtime import run_model
 
             self._reference = run_model(model, feeds, optimization="disable")
+            # The float noise floor: how far onnxruntime's own (lossless) graph optimizations
+            # move the outputs. Some kernels differ when weights are initializers (prepacked
+            # LSTM/GEMM), so a lossless pass may move them as much without being wrong.
+            optimized = run_model(model, feeds, optimization="all")
+            self._noise_rel_l2 = max((compare(r[k], o[k])["rel_l2"] for r, o in zip(self._reference, optimized)
+                                      for k in r), default=0.0)
         records: list[PassRecord] = []
         for group in self._groups():
             rounds = self.max_iterations if (self.fixed_point and group[0].lossless and len(group) > 0) else 1
@@ -174,7 +181,8 @@ class PassManager:
                         worst[key] = min(worst.get(key, 1.0), val)
                     else:
                         worst[key] = max(worst.get(key, 0.0), val)
-        bounds = {"rel_l2": LOSSLESS_REL_L2} if p.lossless else (dict(ctx.tolerance) or {"rel_l2": LOSSLESS_REL_L2})
+        lossless_bound = max(LOSSLESS_REL_L2, 4 * self._noise_rel_l2)
+        bounds = {"rel_l2": lossless_bound} if p.lossless else (dict(ctx.tolerance) or {"rel_l2": lossless_bound})
         for metric, bound in bounds.items():
             if metric in worst and not within(metric, worst[metric], bound):
                 raise VerificationError(p.name, f"{metric}={worst[metric]:.3g} (bound {bound:g}) on the verification data")

@@ -120,16 +120,17 @@ class FusionRule:
     def match(self, site: FusionSite, node: gs.Node):  # -> match object | NoMatch | None
         raise NotImplementedError
 
-    def rewrite(self, site: FusionSite, match) -> None:
+    def rewrite(self, site: FusionSite, match) -> "int | NoMatch":
+        """Apply ``match``; return the number of nodes removed, or a NoMatch when it cannot apply."""
         raise NotImplementedError
 
 
 def apply_rules(graph: gs.Graph, rules: tuple[FusionRule, ...], *, explain: bool = False,
-                max_notes: int = 20) -> PassResult:
+                max_notes: int = 20, run_factory: type[FusionRun] | None = None) -> PassResult:
     """Match and rewrite every node of ``graph`` and its subgraphs, in graph order.
 
     Graph order means a chain (Conv → Mul → Add) collapses in one run: once Mul is folded
-    the Add reads the Conv directly.
+    the Add reads the Conv directly. A match object may carry its own ``counter`` name.
     """
     by_op: dict[str, list[FusionRule]] = {}
     for rule in rules:
@@ -137,7 +138,7 @@ def apply_rules(graph: gs.Graph, rules: tuple[FusionRule, ...], *, explain: bool
             by_op.setdefault(op, []).append(rule)
     counters: Counter = Counter()
     rejected: list[NoMatch] = []
-    run = FusionRun(graph)
+    run = (run_factory or FusionRun)(graph)
     for sub in list(G.iter_graphs(graph)):
         site = FusionSite(run, sub, {id(n) for n in sub.nodes})
         for node in list(sub.nodes):
@@ -150,9 +151,12 @@ def apply_rules(graph: gs.Graph, rules: tuple[FusionRule, ...], *, explain: bool
                 if isinstance(found, NoMatch):
                     rejected.append(found)
                     continue
-                rule.rewrite(site, found)
-                counters[rule.counter] += 1
-                counters["nodes_removed"] += 1
+                removed = rule.rewrite(site, found)
+                if isinstance(removed, NoMatch):
+                    rejected.append(removed)
+                    continue
+                counters[getattr(found, "counter", None) or rule.counter] += 1
+                counters["nodes_removed"] += removed
                 break
     run.flush_removed()
     if rejected:
@@ -391,9 +395,10 @@ class AffineFoldMatch:
 class AffineFoldRule(FusionRule):
     """Shared rewrite of the rules that fold a per-channel affine map into the producer."""
 
-    def rewrite(self, site: FusionSite, match: AffineFoldMatch) -> None:
+    def rewrite(self, site: FusionSite, match: AffineFoldMatch) -> int:
         match.target.apply(site, match.scale, match.shift)
         absorb_output(site, match.target.node, match.anchor)
+        return 1
 
 
 # =========================================================================== fold-batchnorm
@@ -584,13 +589,14 @@ class MatMulAddToGemm(FusionRule):
             return NoMatch(add, problem)
         return MatMulAddMatch(add, matmul, bias)
 
-    def rewrite(self, site: FusionSite, match: MatMulAddMatch) -> None:
+    def rewrite(self, site: FusionSite, match: MatMulAddMatch) -> int:
         # Gemm's C broadcasts unidirectionally to (N, M): (M,), (1, M) and scalars all do.
         gemm = match.matmul
         gemm.op = "Gemm"
         gemm.attrs = {}
         gemm.inputs.append(match.bias)
         absorb_output(site, gemm, match.add)
+        return 1
 
 
 @register_pass

@@ -30,7 +30,6 @@ The rules follow passes/fusion.py: ``match`` returns ``None`` (no candidate), a
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -40,7 +39,7 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt.pass_base import PassResult
 from onnxopt.passes.cleanup import safe_to_bypass
-from onnxopt.passes.fusion import FusionPass, FusionRule, FusionRun, FusionSite, NoMatch
+from onnxopt.passes.fusion import FusionPass, FusionRule, FusionRun, FusionSite, NoMatch, apply_rules
 from onnxopt.registry import register_pass
 
 # Opset from which the axes of these ops are an input instead of an attribute (ONNX changelog).
@@ -144,8 +143,11 @@ class LayoutRule(FusionRule):
         problem = site.sole_use_problem(first.outputs[0], second)
         return NoMatch(second, problem) if problem else None
 
-    def rewrite(self, site: FusionSite, match) -> None:  # pragma: no cover - apply_layout_rules rewrites
-        raise NotImplementedError
+    def rewrite(self, site: FusionSite, match) -> "int | NoMatch":
+        removed = _apply(site, match)
+        if removed is None:
+            return NoMatch(match.second, "its output is a graph output that cannot take the input's place")
+        return removed
 
 
 # =========================================================================== small helpers
@@ -559,48 +561,7 @@ class SlicePair(LayoutRule):
         return Replace(first, second, "Slice", inputs, attrs, "slices_fused")
 
 
-# =========================================================================== driver
-def apply_layout_rules(graph: gs.Graph, rules: tuple[LayoutRule, ...], *, explain: bool = False,
-                       max_notes: int = 20) -> PassResult:
-    """Match and rewrite every node of ``graph`` and its subgraphs, in graph (topological) order,
-    so a chain of three Transposes or Slices collapses in one run."""
-    by_op: dict[str, list[LayoutRule]] = {}
-    for rule in rules:
-        for op in rule.anchor_ops:
-            by_op.setdefault(op, []).append(rule)
-    counters: Counter = Counter()
-    rejected: list[NoMatch] = []
-    run = LayoutRun(graph)
-    for sub in list(G.iter_graphs(graph)):
-        site = FusionSite(run, sub, {id(n) for n in sub.nodes})
-        for node in list(sub.nodes):
-            if not node.outputs or not G.is_default_domain(node):
-                continue  # removed by an earlier rewrite, or a custom-domain op
-            for rule in by_op.get(node.op, ()):
-                found = rule.match(site, node)
-                if found is None:
-                    continue
-                if isinstance(found, NoMatch):
-                    rejected.append(found)
-                    continue
-                removed = _apply(site, found)
-                if removed is None:
-                    rejected.append(NoMatch(node, "its output is a graph output that cannot take the input's place"))
-                    continue
-                counters[found.counter] += 1
-                counters["nodes_removed"] += removed
-                break
-    run.flush_removed()
-    if rejected:
-        counters["candidates_rejected"] = len(rejected)
-    notes: list[str] = []
-    if explain:
-        notes = [r.describe() for r in rejected[:max_notes]]
-        if len(rejected) > max_notes:
-            notes.append(f"... and {len(rejected) - max_notes} more candidates not fused")
-    return PassResult(changed=counters["nodes_removed"] > 0, counters=dict(counters), notes=notes)
-
-
+# =========================================================================== rewriting
 def _apply(site: FusionSite, match: Passthrough | Replace) -> int | None:
     """Apply a match; returns the number of nodes removed (None when a Passthrough cannot be applied)."""
     run = site.run
@@ -644,4 +605,5 @@ class FuseConsecutive(FusionPass):
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         explain = bool(self.options.explain or getattr(ctx, "explain", False))
-        return apply_layout_rules(graph, self.rules, explain=explain, max_notes=max(0, int(self.options.max_notes)))
+        return apply_rules(graph, self.rules, explain=explain, max_notes=max(0, int(self.options.max_notes)),
+                           run_factory=LayoutRun)

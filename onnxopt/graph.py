@@ -86,7 +86,15 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     domains that the graph no longer uses are kept unless ``eliminate-dead`` dropped
     them from ``graph.import_domains``.
     """
-    model = gs.export_onnx(graph, do_type_check=False)
+    # gs copies every initializer twice (make_graph, then make_model); big main-graph weights
+    # are added afterwards with one copy each (VGG-16: 2.2 s → 0.8 s).
+    moved = _swap_out_large_constants(graph)
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for node, index, const in moved:
+            node.inputs[index] = const
+    _append_initializers(model.graph, [const for _, _, const in moved])
     defaults = graph.__dict__.get(OVERRIDABLE_ATTR, {})
     input_names = {i.name for i in model.graph.input}
     for name, value in defaults.items():
@@ -104,6 +112,37 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     if model.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
     return model
+
+
+def _swap_out_large_constants(graph: gs.Graph, min_bytes: int = 1 << 16) -> list[tuple[gs.Node, int, gs.Constant]]:
+    """Replace big constants read only by main-graph nodes with untyped stand-ins (no value_info)."""
+    in_subgraphs = {id(t) for g in iter_graphs(graph) if g is not graph for n in g.nodes for t in n.inputs}
+    signature = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    moved = []
+    stand_ins: dict[int, gs.Variable] = {}
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if (isinstance(t, gs.Constant) and id(t) not in in_subgraphs and id(t) not in signature
+                    and not isinstance(t._values, gs.ir.tensor.SparseValues) and constant_nbytes(t) >= min_bytes):
+                var = stand_ins.setdefault(id(t), gs.Variable(t.name))
+                moved.append((node, i, t))
+                node.inputs[i] = var
+    return moved
+
+
+def _append_initializers(graph_proto: onnx.GraphProto, constants: list[gs.Constant]) -> None:
+    seen: set[int] = set()
+    for const in constants:
+        if id(const) in seen:
+            continue
+        seen.add(id(const))
+        proto = graph_proto.initializer.add()
+        values = const._values
+        if isinstance(values, gs.ir.tensor.LazyValues):
+            proto.CopyFrom(values.tensor)  # the imported TensorProto, never modified
+        else:
+            proto.CopyFrom(numpy_helper.from_array(np.asarray(values), const.name))
+        proto.name = const.name
 
 
 def _list_initializers_as_inputs(graph_proto: onnx.GraphProto) -> None:
@@ -362,25 +401,33 @@ def bypass_node(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_ind
     replace_tensor(graph, dst, src)
     node.inputs.clear()
     node.outputs.clear()
-    owner = owning_graph(graph, node)
-    if owner is not None:
-        owner.nodes.remove(node)
+    _detach_from_owner(graph, node)
 
 
 def remove_node(graph: gs.Graph, node: gs.Node) -> None:
     """Detach a node whose outputs nobody reads any more."""
     node.inputs.clear()
     node.outputs.clear()
-    owner = owning_graph(graph, node)
-    if owner is not None:
-        owner.nodes.remove(node)
+    _detach_from_owner(graph, node)
 
 
 def owning_graph(graph: gs.Graph, node: gs.Node) -> gs.Graph | None:
+    if any(n is node for n in graph.nodes):  # the common case, without walking subgraphs
+        return graph
     for g in iter_graphs(graph):
         if any(n is node for n in g.nodes):
             return g
     return None
+
+
+def _detach_from_owner(graph: gs.Graph, node: gs.Node) -> None:
+    # By identity: list.remove would call gs.Node.__eq__, which compares whole nodes.
+    owner = owning_graph(graph, node)
+    if owner is not None:
+        for i, n in enumerate(owner.nodes):
+            if n is node:
+                del owner.nodes[i]
+                break
 
 
 def remove_nodes(graph: gs.Graph, nodes: Iterable[gs.Node]) -> None:

@@ -160,6 +160,13 @@ def array_key(array: np.ndarray) -> tuple:
     return (array.dtype.str, array.shape, digest)
 
 
+def _sample_bytes(array: np.ndarray, samples: int = 64) -> bytes:
+    flat = array.reshape(-1)
+    if array.dtype.kind == "O":
+        return repr(flat[:samples].tolist()).encode()
+    return flat[:: max(1, flat.size // samples)].tobytes()
+
+
 def share_identical_constants(graph: gs.Graph) -> tuple[int, int]:
     """Make nodes read one gs.Constant per distinct (dtype, shape, bytes); returns (merged, bytes saved).
 
@@ -191,8 +198,13 @@ def share_identical_constants(graph: gs.Graph) -> tuple[int, int]:
     for group in by_layout.values():
         if len(group) < 2:
             continue  # unique layout: no need to hash the bytes
-        canonical: dict[tuple, gs.Constant] = {}
+        # A cheap fingerprint first (every k-th element): full hashes only where fingerprints collide.
+        by_sample: dict[bytes, list[gs.Constant]] = defaultdict(list)
         for t in group:
+            by_sample[_sample_bytes(np.asarray(t.values))].append(t)
+        candidates = [t for same in by_sample.values() if len(same) > 1 for t in same]
+        canonical: dict[tuple, gs.Constant] = {}
+        for t in candidates:
             value = np.asarray(t.values)
             key = array_key(value)
             keep = canonical.setdefault(key, t)

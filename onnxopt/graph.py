@@ -146,7 +146,29 @@ def _append_initializers(graph_proto: onnx.GraphProto, constants: list[gs.Consta
 
 
 def _list_initializers_as_inputs(graph_proto: onnx.GraphProto) -> None:
-    """IR < 4 requires every initializer to be a graph input too (gs drops them on import)."""
+    """IR < 4 requires every initializer to be a graph input too (gs drops them on import).
+
+    gs writes a constant that only a subgraph reads into that subgraph; an If branch may not
+    have inputs, so such initializers move up to the main graph (outer-scope reads are legal).
+    """
+    have = {t.name for t in graph_proto.initializer}
+
+    def hoist(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for a in node.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    kept = []
+                    for t in sub.initializer:
+                        if t.name not in have:
+                            have.add(t.name)
+                            graph_proto.initializer.append(t)
+                        else:
+                            kept.append(t)  # a name clash: leave it where it is
+                    del sub.initializer[:]
+                    sub.initializer.extend(kept)
+                    hoist(sub)
+
+    hoist(graph_proto)
     listed = {i.name for i in graph_proto.input}
     for t in graph_proto.initializer:
         if t.name not in listed:

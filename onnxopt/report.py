@@ -356,7 +356,7 @@ def validation_tables(report: Any) -> list[Table]:
     _row(summary, "MACs", fmt_change(_get(report, "reference_macs"), _get(report, "candidate_macs"), human_count))
     _row(summary, "data", str(_get(report, "data_source") or "-"))
     tol = _get(report, "tolerance") or {}
-    _row(summary, "tolerance", ", ".join(f"{k}={fmt_number(v)}" for k, v in tol.items()) or "none")
+    _row(summary, "tolerance", ", ".join(f"{k}={v:g}" for k, v in tol.items()) or "none")
     failures = _get(report, "failures") or []
     verdict = "PASS" if _get(report, "passed", True) else "FAIL"
     _row(summary, "result", verdict + (": " + "; ".join(failures) if failures else ""))

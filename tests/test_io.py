@@ -144,3 +144,16 @@ def test_omitted_optional_outputs_do_not_trip_invariants():
     nodes = [helper.make_node("Dropout", ["x"], ["a", ""]), helper.make_node("Dropout", ["a"], ["y", ""])]
     m = make_model(nodes, [vi("x", [2])], [vi("y", [2])])
     onnxopt.PassManager([]).run(m)
+
+
+def test_ir3_subgraph_constants_move_to_the_main_graph():
+    # IR 3 (opset 7) wants every initializer listed as a graph input; If branches may not have
+    # inputs, so constants only a branch reads must live in the main graph.
+    from models.zoo import build
+
+    m = build("tiny_if", opset=7)
+    out = onnxopt.optimize(m, verify_each=True).model
+    onnx.checker.check_model(out, full_check=True)
+    assert out.ir_version == 3
+    names = {t.name for t in out.graph.initializer}
+    assert names <= {i.name for i in out.graph.input}

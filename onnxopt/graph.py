@@ -40,11 +40,78 @@ def import_model(model: onnx.ModelProto) -> gs.Graph:
     (ONNX IR spec): the caller may feed them. gs would treat them as constants and
     drop the input, so they stay graph inputs (Variables) and their default values
     are written back on export.
+
+    The model is never modified, and its big weights are not copied: gs is given a copy
+    without them and reads them lazily from ``model`` (gs's exporter writes into the
+    TensorProtos it imported, so everything it does see is a private copy).
     """
-    graph = gs.import_onnx(model)
+    light, big = _without_big_initializers(model)
+    graph = gs.import_onnx(light)
+    _attach_lazy_constants(graph, big)
     _keep_overridable_initializers(graph, model)
     lift_constant_nodes(graph)
     return graph
+
+
+def _without_big_initializers(model: onnx.ModelProto, min_bytes: int = 1 << 16
+                              ) -> tuple[onnx.ModelProto, dict[str, onnx.TensorProto]]:
+    """A copy of ``model`` minus its big main-graph initializers, and those initializers by name.
+
+    Initializers listed as graph inputs (IR < 4, or overridable defaults) stay in the copy.
+    """
+    listed = {i.name for i in model.graph.input}
+    big = {t.name: t for t in model.graph.initializer
+           if t.name not in listed and t.data_location != onnx.TensorProto.EXTERNAL
+           and t.data_type != onnx.TensorProto.STRING and _proto_nbytes(t) >= min_bytes}
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            copy_proto_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            copy_proto_field(light.graph, field, value)
+    light.graph.initializer.extend(t for t in model.graph.initializer if t.name not in big)
+    return light, big
+
+
+def _proto_nbytes(t: onnx.TensorProto) -> int:
+    n = 1
+    for d in t.dims:
+        n *= d
+    try:
+        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    except Exception:
+        return 0
+
+
+def copy_proto_field(target, field, value) -> None:
+    if field.is_repeated:
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _attach_lazy_constants(graph: gs.Graph, big: dict[str, onnx.TensorProto]) -> None:
+    """Replace the placeholder Variables gs made for the withheld initializers by lazy Constants."""
+    if not big:
+        return
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for i, t in enumerate(node.inputs):
+                proto = big.get(t.name) if isinstance(t, gs.Variable) and not t.inputs else None
+                if proto is not None:
+                    const = graph.__dict__.setdefault("_onnxopt_lazy", {}).get(t.name)
+                    if const is None:
+                        const = gs.Constant(t.name, gs.ir.tensor.LazyValues(proto))
+                        graph.__dict__["_onnxopt_lazy"][t.name] = const
+                    node.inputs[i] = const
+    for g in iter_graphs(graph):
+        for i, t in enumerate(g.outputs):
+            if isinstance(t, gs.Variable) and t.name in big and not t.inputs:
+                g.outputs[i] = graph.__dict__["_onnxopt_lazy"].get(t.name, t)
+    graph.__dict__.pop("_onnxopt_lazy", None)
 
 
 OVERRIDABLE_ATTR = "onnxopt_overridable_defaults"
@@ -115,18 +182,22 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
 
 
 def _swap_out_large_constants(graph: gs.Graph, min_bytes: int = 1 << 16) -> list[tuple[gs.Node, int, gs.Constant]]:
-    """Replace big constants read only by main-graph nodes with untyped stand-ins (no value_info)."""
-    in_subgraphs = {id(t) for g in iter_graphs(graph) if g is not graph for n in g.nodes for t in n.inputs}
-    signature = {id(t) for t in list(graph.inputs) + list(graph.outputs)}
+    """Replace big constants with untyped stand-ins (no value_info) for gs's export.
+
+    They are then written once into the main graph's initializers: subgraphs may read
+    outer-scope names, so a constant read in an If/Loop body can live there too.
+    """
+    signature = {id(t) for g in iter_graphs(graph) for t in list(g.inputs) + list(g.outputs)}
     moved = []
     stand_ins: dict[int, gs.Variable] = {}
-    for node in graph.nodes:
-        for i, t in enumerate(node.inputs):
-            if (isinstance(t, gs.Constant) and id(t) not in in_subgraphs and id(t) not in signature
-                    and not isinstance(t._values, gs.ir.tensor.SparseValues) and constant_nbytes(t) >= min_bytes):
-                var = stand_ins.setdefault(id(t), gs.Variable(t.name))
-                moved.append((node, i, t))
-                node.inputs[i] = var
+    for g in iter_graphs(graph):
+        for node in g.nodes:
+            for i, t in enumerate(node.inputs):
+                if (isinstance(t, gs.Constant) and id(t) not in signature
+                        and not isinstance(t._values, gs.ir.tensor.SparseValues) and constant_nbytes(t) >= min_bytes):
+                    var = stand_ins.setdefault(id(t), gs.Variable(t.name))
+                    moved.append((node, i, t))
+                    node.inputs[i] = var
     return moved
 
 

@@ -16,6 +16,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import UserInputError
+from .graph import copy_proto_field
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Initializers larger than this go to the external data file when saving externally.
@@ -108,12 +109,15 @@ def load_model(path: str | os.PathLike, *, check: bool = True, what: str = "mode
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "model", full: bool = False) -> None:
-    """Run onnx.checker (on a path-free copy when the model is over 2 GB)."""
+    """Run onnx.checker; over 2 GB on a payload-free copy whose big tensors point into a sparse file."""
     try:
         if tensor_payload_bytes(model) > PROTOBUF_LIMIT:
             with tempfile.TemporaryDirectory() as tmp:
                 p = os.path.join(tmp, "m.onnx")
-                onnx.save_model(model, p, save_as_external_data=True, location="m.data")
+                with open(os.path.join(tmp, "m.data"), "wb") as data:
+                    light = _externalized_copy(model, "m.data", data, write_payload=False)
+                    data.truncate(data.tell())  # sparse: the checker only needs the file to be large enough
+                onnx.save_model(light, p)
                 onnx.checker.check_model(p, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
@@ -142,23 +146,60 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxopt-") as tmp:
         tmp_model = Path(tmp) / path.name
         if external_data:
-            model = _copy_for_external_save(model)
-            onnx.save_model(model, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=EXTERNAL_DATA_THRESHOLD, convert_attribute=False)
             tmp_data = Path(tmp) / data_name
-            if tmp_data.exists():
-                os.replace(tmp_data, folder / data_name)
+            with open(tmp_data, "wb") as data:
+                light = _externalized_copy(model, data_name, data)
+            onnx.save_model(light, str(tmp_model))
+            os.replace(tmp_data, folder / data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         os.replace(tmp_model, path)
     return path
 
 
-def _copy_for_external_save(model: onnx.ModelProto) -> onnx.ModelProto:
-    # onnx.save_model with external data mutates tensors in place; never touch the caller's model.
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    return copy
+def _externalized_copy(model: onnx.ModelProto, location: str, data, *, write_payload: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers over EXTERNAL_DATA_THRESHOLD bytes are
+    references into ``data`` (an open binary file named ``location``), per the ONNX external
+    data spec (location/offset/length). The caller's model is not modified, and no full copy of
+    the weights is made: onnx.save_model(save_as_external_data=True) would rewrite the caller's
+    tensors in place. With ``write_payload=False`` only the file's size is reserved (checker use).
+    """
+    light = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            copy_proto_field(light, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            copy_proto_field(light.graph, field, value)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or _tensor_bytes(tensor) <= EXTERNAL_DATA_THRESHOLD \
+                or tensor.data_type == onnx.TensorProto.STRING:
+            light.graph.initializer.append(tensor)
+            continue
+        payload_len = _tensor_bytes(tensor)
+        offset = data.tell()
+        if write_payload:
+            raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
+            data.write(raw)
+            payload_len = len(raw)
+        else:
+            data.seek(offset + payload_len)
+        ref = light.graph.initializer.add()
+        ref.name = tensor.name
+        ref.data_type = tensor.data_type
+        ref.dims.extend(tensor.dims)
+        ref.doc_string = tensor.doc_string
+        ref.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", location), ("offset", str(offset)), ("length", str(payload_len))):
+            entry = ref.external_data.add()
+            entry.key, entry.value = key, value
+        # keep 4 KiB alignment so the runtime can memory-map tensors
+        pad = (-data.tell()) % 4096
+        if pad and write_payload:
+            data.write(b"\0" * pad)
+        elif pad:
+            data.seek(data.tell() + pad)
+    return light
 
 
 def file_size(path: str | os.PathLike) -> int:

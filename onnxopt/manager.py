@@ -74,11 +74,7 @@ class PassManager:
         if ctx.template is None:
             ctx.template = model
         start = time.perf_counter()
-        # gs's exporter writes into the TensorProtos it imported (names of attribute tensors,
-        # renamed constants), so work on a copy: the caller's model is never modified.
-        work = onnx.ModelProto()
-        work.CopyFrom(model)
-        graph = G.import_model(work)
+        graph = G.import_model(model)  # never modifies ``model`` (see import_model)
         graph.cleanup().toposort()
         self._reference = None
         self._noise_rel_l2 = 0.0

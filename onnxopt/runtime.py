@@ -104,7 +104,9 @@ def make_session(model: onnx.ModelProto | str | os.PathLike, provider: str = "cp
         if tensor_payload_bytes(model) > PROTOBUF_LIMIT:
             with tempfile.TemporaryDirectory() as tmp:
                 p = os.path.join(tmp, "model.onnx")
-                onnx.save_model(model, p, save_as_external_data=True, location="model.data")
+                from .io import save_model
+
+                save_model(model, p, external_data=True)  # never modifies ``model``
                 return ort.InferenceSession(p, so, providers=providers)
         return ort.InferenceSession(model.SerializeToString(), so, providers=providers)
     return ort.InferenceSession(str(model), so, providers=providers)

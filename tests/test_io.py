@@ -157,3 +157,22 @@ def test_ir3_subgraph_constants_move_to_the_main_graph():
     assert out.ir_version == 3
     names = {t.name for t in out.graph.initializer}
     assert names <= {i.name for i in out.graph.input}
+
+
+def test_big_weights_are_read_lazily_and_the_input_is_never_modified():
+    # >= 64 KiB weights bypass gs's copy (and its in-place writes); one is read inside an If branch.
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 256)).astype(np.float32)
+    v = rng.standard_normal((256,)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["t"])], "then", [], [vi("t", [1, 256])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["e0"]), helper.make_node("MatMul", ["e0", "w"], ["e1"]),
+                                helper.make_node("Add", ["e1", "v"], ["e"])], "else", [], [vi("e", [1, 256])])
+    m = make_model([helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g)],
+                   [vi("c", [], onnx.TensorProto.BOOL), vi("x", [1, 128])], [vi("y", [1, 256])],
+                   [init("w", w), init("v", v)])
+    before = m.SerializeToString()
+    out = onnxopt.optimize(m).model
+    assert m.SerializeToString() == before
+    onnx.checker.check_model(out)
+    x = rng.standard_normal((1, 128)).astype(np.float32)
+    assert_same_outputs(m, out, [{"c": np.array(True), "x": x}, {"c": np.array(False), "x": x}])

@@ -23,7 +23,10 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = 1024
 
 
-def _tensor_bytes(t: onnx.TensorProto) -> int:
+_FOUR_BIT_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
+
+
+def tensor_nbytes(t: onnx.TensorProto) -> int:
     """Payload bytes from dims and dtype (reading ``raw_data`` would copy gigabytes)."""
     if t.data_location == onnx.TensorProto.EXTERNAL:
         for kv in t.external_data:
@@ -38,7 +41,7 @@ def _tensor_bytes(t: onnx.TensorProto) -> int:
         bits = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize * 8
     except Exception:
         bits = 32
-    if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+    if t.data_type in _FOUR_BIT_TYPES:
         bits = 4
     return (n * bits + 7) // 8
 
@@ -50,11 +53,11 @@ def tensor_payload_bytes(model: onnx.ModelProto) -> int:
     def visit(g: onnx.GraphProto):
         nonlocal total
         for t in g.initializer:
-            total += _tensor_bytes(t)
+            total += tensor_nbytes(t)
         for n in g.node:
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
-                    total += _tensor_bytes(a.t)
+                    total += tensor_nbytes(a.t)
                 elif a.type == onnx.AttributeProto.GRAPH:
                     visit(a.g)
                 elif a.type == onnx.AttributeProto.GRAPHS:
@@ -172,11 +175,11 @@ def _externalized_copy(model: onnx.ModelProto, location: str, data, *, write_pay
         if field.name != "initializer":
             copy_proto_field(light.graph, field, value)
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or _tensor_bytes(tensor) <= EXTERNAL_DATA_THRESHOLD \
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= EXTERNAL_DATA_THRESHOLD \
                 or tensor.data_type == onnx.TensorProto.STRING:
             light.graph.initializer.append(tensor)
             continue
-        payload_len = _tensor_bytes(tensor)
+        payload_len = tensor_nbytes(tensor)
         offset = data.tell()
         if write_payload:
             raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()

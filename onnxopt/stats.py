@@ -21,6 +21,7 @@ import onnx
 from onnx import helper
 
 from .graph import DEFAULT_DOMAINS
+from .io import tensor_nbytes
 
 # Tensors larger than this lose their data in the copy used for shape inference.
 # Shape-like constants that data propagation reads (Reshape targets, Slice starts) are far smaller.
@@ -31,7 +32,7 @@ Dims = list[int | None] | None  # None: unknown rank; a None dim: unknown size
 
 # --------------------------------------------------------------------------- shape inference
 def _stub_tensor(t: onnx.TensorProto) -> onnx.TensorProto:
-    if t.data_location == onnx.TensorProto.EXTERNAL or _tensor_nbytes(t) <= _STUB_BYTES:
+    if t.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(t) <= _STUB_BYTES:
         return t
     stub = onnx.TensorProto()
     stub.name = t.name
@@ -372,36 +373,6 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] 
 
 # --------------------------------------------------------------------------- parameters and I/O
 # Element types packed two per byte.
-_FOUR_BIT_TYPES = {getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(onnx.TensorProto, n)}
-
-
-def _tensor_nbytes(t: onnx.TensorProto) -> int:
-    """Bytes of a tensor's payload, from its dims and type (reading raw_data of a big tensor would copy it)."""
-    if t.data_location == onnx.TensorProto.EXTERNAL:
-        for kv in t.external_data:
-            if kv.key == "length":
-                return int(kv.value)
-    if t.data_type == onnx.TensorProto.STRING:
-        return sum(len(s) for s in t.string_data)
-    count, _ = _numel(t.dims)
-    if t.data_type in _FOUR_BIT_TYPES:
-        return (count + 1) // 2
-    try:
-        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-    except Exception:
-        itemsize = 4
-    return count * itemsize
-
-
-def payload_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of every initializer and Constant tensor (subgraphs included), computed from dims
-    without touching the data, so it is instant even for models over 2 GB."""
-    total = 0
-    for g in _iter_graphs(model.graph):
-        total += sum(_tensor_nbytes(t) for t in g.initializer)
-        for node in g.node:
-            total += sum(_tensor_nbytes(a.t) for a in node.attribute if a.type == onnx.AttributeProto.TENSOR)
-    return total
 
 
 def _dtype_name(elem_type: int) -> str:
@@ -447,17 +418,17 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None,
         graphs += 1
         for t in g.initializer:
             params += _numel(t.dims)[0]
-            param_bytes += _tensor_nbytes(t)
+            param_bytes += tensor_nbytes(t)
         for st in g.sparse_initializer:
             params += _numel(st.values.dims)[0]
-            param_bytes += _tensor_nbytes(st.values) + _tensor_nbytes(st.indices)
+            param_bytes += tensor_nbytes(st.values) + tensor_nbytes(st.indices)
         for node in g.node:
             ops[_op_label(node)] += 1
             if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
                 for a in node.attribute:
                     if a.type == onnx.AttributeProto.TENSOR:
                         params += _numel(a.t.dims)[0]
-                        param_bytes += _tensor_nbytes(a.t)
+                        param_bytes += tensor_nbytes(a.t)
     total_macs, layers, notes = _count(model, input_shapes)
     stats = {
         "ir_version": int(model.ir_version),

@@ -25,7 +25,8 @@ from .calibration import CalibrationData
 from .errors import UserInputError
 from .metrics import HIGHER_IS_BETTER, METRICS, OutputAccumulator, within
 from .runtime import PROVIDER_NAMES, make_session, measure_latency, parse_providers, provider_status, run_session
-from .stats import count_macs, payload_bytes
+from .io import tensor_payload_bytes
+from .stats import count_macs
 
 ModelLike = onnx.ModelProto | str | os.PathLike
 
@@ -142,7 +143,7 @@ def _size(model: ModelLike) -> int:
     if isinstance(model, onnx.ModelProto):
         from .io import PROTOBUF_LIMIT
 
-        tensors = payload_bytes(model)
+        tensors = tensor_payload_bytes(model)
         # ByteSize serializes the model: slow for big ones and impossible over the protobuf limit.
         return tensors if tensors > PROTOBUF_LIMIT else model.ByteSize()
     from .io import file_size

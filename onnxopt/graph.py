@@ -264,20 +264,28 @@ def _keep_declared_opsets(model: onnx.ModelProto, template: onnx.ModelProto, gra
 
 
 # --------------------------------------------------------------------------- traversal
-def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
-    """The graph and, recursively, every subgraph (If branches, Loop/Scan bodies)."""
-    yield graph
-    for node in graph.nodes:
-        for sub in node_subgraphs(node):
-            yield from iter_graphs(sub)
-
-
 # Standard ops that carry graph attributes; custom-domain ops are inspected too.
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+_PLAIN_DOMAINS = frozenset(DEFAULT_DOMAINS + (None,))
+
+
+def iter_graphs(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """The graph and, recursively, every subgraph (If branches, Loop/Scan bodies), parents first.
+
+    Iterative, with the per-node test inlined: passes call this for every rewrite.
+    """
+    pending = [graph]
+    while pending:
+        g = pending.pop()
+        yield g
+        found = [sub for node in g.nodes
+                 if node.op in _SUBGRAPH_OPS or node.domain not in _PLAIN_DOMAINS
+                 for sub in node_subgraphs(node)]
+        pending.extend(reversed(found))
 
 
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
-    if node.op not in _SUBGRAPH_OPS and node.domain in DEFAULT_DOMAINS + (None,):
+    if node.op not in _SUBGRAPH_OPS and node.domain in _PLAIN_DOMAINS:
         return []  # fast path: this runs for every node of every traversal
     subs = []
     for value in node.attrs.values():

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="lossless", help="pass pipeline to run when no --pass is given (default lossless)")
     p.add_argument("--pass", dest="passes", metavar="NAME[:key=value,...]", action="append", default=[],
                    help="run this pass (repeatable, in order); replaces the preset")
-    p.add_argument("--target", default="cpu", choices=TARGETS, help="deployment target (default cpu)")
+    p.add_argument("--target", default=None, choices=TARGETS,
+                   help="deployment target (default: the preset's own, else cpu)")
     _add_data_options(p)
     _add_validation_options(p, in_optimize=True)
     p.add_argument("--report", metavar="FILE.json", help="write a JSON report ('-' prints it to stdout)")
@@ -332,6 +333,9 @@ def cmd_optimize(args) -> int:
     from .validate import parse_tolerance, validate
 
     # 1. Everything the user typed is checked before the model is even read.
+    from .presets import resolve_target
+
+    args.target = resolve_target(None if args.passes else args.preset, args.target)
     passes = _choose_passes(args)
     input_shapes, preprocess = _parse_data_args(args)
     tolerance = parse_tolerance(args.tolerance or [])
@@ -512,15 +516,17 @@ def pass_info(cls) -> dict:
 
 def presets_info(target: str) -> dict[str, dict]:
     """Each preset's passes for ``target``, and the ones left out with the reason."""
-    from .presets import PRESETS, preset_passes
+    from .presets import PRESET_TARGETS, PRESETS, preset_passes, spec_name
     from .registry import all_passes
 
     registry = all_passes()
     out = {}
+    asked = target
     for name, names in PRESETS.items():
+        target = PRESET_TARGETS.get(name, asked)  # a preset made for one target is shown for it
         chosen = [p.name for p in preset_passes(name, target)]
         left_out = {}
-        for n in names:
+        for n in map(spec_name, names):
             if n not in registry:
                 left_out[n] = "not installed"
             elif target not in registry[n].targets:

@@ -1,27 +1,41 @@
-"""Named pass pipelines. A preset lists pass names in order; passes that are not
-registered (a family not installed) or not valid for the target are left out."""
+"""Named pass pipelines.
+
+A preset lists pass specs (``name`` or ``name:key=value,...``) in order; passes that are
+not registered (a family not installed) or not valid for the target are left out. A preset
+may also fix the target (``trt`` is for TensorRT).
+"""
 
 from __future__ import annotations
 
 from .errors import UserInputError
 from .pass_base import Pass
-from .registry import all_passes, make_pass
+from .registry import all_passes, parse_pass_spec
 
 # Order matters: cheap structural cleanups first, then folding, then fusions that
 # the folded graph exposes, then CSE and dead-code removal. The lossless group is
 # repeated to a fixed point by the PassManager.
+# The lossless pipeline. Order matters: cheap structural cleanups first, then folding,
+# then the fusions the folded graph exposes (vertical before horizontal, runtime-specific
+# contrib ops last), then CSE and dead-code removal. The PassManager repeats the whole
+# lossless group to a fixed point.
+_LOSSLESS = [
+    "eliminate-identity",
+    "fold-constants",
+    "simplify-shapes",
+    "fuse-consecutive",
+    "fuse-transposes",
+    "fold-batchnorm",
+    "fuse-conv-add",
+    "fuse-pad",
+    "fuse-matmul-add",
+    "fuse-horizontal",
+    "fuse-conv-activation",
+    "cse",
+    "eliminate-dead",
+]
+
 PRESETS: dict[str, list[str]] = {
-    "lossless": [
-        "eliminate-identity",
-        "fold-constants",
-        "simplify-shapes",
-        "fuse-consecutive",
-        "fold-batchnorm",
-        "fuse-conv-add",
-        "fuse-matmul-add",
-        "cse",
-        "eliminate-dead",
-    ],
+    "lossless": _LOSSLESS,
     "cleanup": [
         "eliminate-identity",
         "fold-constants",
@@ -30,17 +44,40 @@ PRESETS: dict[str, list[str]] = {
         "cse",
         "eliminate-dead",
     ],
+    # What a TensorRT user should hand to the builder: opset >= 13, standard ops only (no
+    # com.microsoft contrib ops: the target filter drops them), constants folded up to 16 MiB
+    # per result, and every intermediate shape declared.
+    "trt": ["upgrade-opset:min_opset=13"]
+    + [("fold-constants:size_threshold=16777216" if n == "fold-constants" else n) for n in _LOSSLESS]
+    + ["infer-shapes"],
 }
 
+# Presets that only make sense for one target.
+PRESET_TARGETS: dict[str, str] = {"trt": "tensorrt"}
 
-def preset_passes(name: str, target: str = "cpu") -> list[Pass]:
+
+def spec_name(spec: str) -> str:
+    return spec.partition(":")[0].strip()
+
+
+def resolve_target(preset: str | None, target: str | None) -> str:
+    """The target to use: the user's, else the preset's own, else cpu."""
+    forced = PRESET_TARGETS.get(preset or "")
+    if forced and target and target != forced:
+        raise UserInputError(f"preset '{preset}' is for target {forced}, not {target}.",
+                             f"drop --target or use --target {forced}.")
+    return target or forced or "cpu"
+
+
+def preset_passes(name: str, target: str | None = None) -> list[Pass]:
     if name not in PRESETS:
         raise UserInputError(f"unknown preset '{name}'.", f"use one of: {', '.join(PRESETS)}.")
+    target = resolve_target(name, target)
     registry = all_passes()
     out = []
-    for pass_name in PRESETS[name]:
-        cls = registry.get(pass_name)
+    for spec in PRESETS[name]:
+        cls = registry.get(spec_name(spec))
         if cls is None or target not in cls.targets:
             continue
-        out.append(make_pass(cls))
+        out.append(parse_pass_spec(spec))
     return out

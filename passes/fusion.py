@@ -131,6 +131,8 @@ def apply_rules(graph: gs.Graph, rules: tuple[FusionRule, ...], *, explain: bool
 
     Graph order means a chain (Conv → Mul → Add) collapses in one run: once Mul is folded
     the Add reads the Conv directly. A match object may carry its own ``counter`` name.
+    Rules sharing an anchor op are tried in order until one rewrites; a node that no rule
+    rewrites counts as one rejected candidate whose reason joins every rule's reason.
     """
     by_op: dict[str, list[FusionRule]] = {}
     for rule in rules:
@@ -144,20 +146,25 @@ def apply_rules(graph: gs.Graph, rules: tuple[FusionRule, ...], *, explain: bool
         for node in list(sub.nodes):
             if not node.outputs or not G.is_default_domain(node):
                 continue  # removed by an earlier rewrite, or a custom-domain op
+            reasons: list[NoMatch] = []  # of the rules that rejected this node so far
             for rule in by_op.get(node.op, ()):
                 found = rule.match(site, node)
                 if found is None:
                     continue
                 if isinstance(found, NoMatch):
-                    rejected.append(found)
+                    reasons.append(found)
                     continue
                 removed = rule.rewrite(site, found)
                 if isinstance(removed, NoMatch):
-                    rejected.append(removed)
+                    reasons.append(removed)
                     continue
                 counters[getattr(found, "counter", None) or rule.counter] += 1
                 counters["nodes_removed"] += removed
+                reasons.clear()  # a later rule fused it: the earlier rejections do not matter
                 break
+            if reasons:  # one rejection per node, with every rule's reason
+                rejected.append(reasons[0] if len(reasons) == 1 else
+                                NoMatch(reasons[0].node, " | ".join(r.reason for r in reasons)))
     run.flush_removed()
     if rejected:
         counters["candidates_rejected"] = len(rejected)

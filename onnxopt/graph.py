@@ -263,6 +263,18 @@ def _keep_declared_opsets(model: onnx.ModelProto, template: onnx.ModelProto, gra
         model.opset_import.append(onnx.helper.make_opsetid(d, v))
 
 
+def declare_opset(graph: gs.Graph, domain: str, version: int) -> None:
+    """Make sure the exported model imports ``domain`` (at ``version`` unless already declared).
+
+    For passes that emit custom-domain ops (e.g. ``com.microsoft``): the export keeps the
+    domains of ``graph.import_domains``, so the import survives passes that prune unused ones.
+    """
+    if graph.import_domains is None:
+        graph.import_domains = [onnx.helper.make_opsetid("", graph.opset)]
+    if not any(o.domain == domain for o in graph.import_domains):
+        graph.import_domains.append(onnx.helper.make_opsetid(domain, version))
+
+
 # --------------------------------------------------------------------------- traversal
 # Standard ops that carry graph attributes; custom-domain ops are inspected too.
 _SUBGRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})

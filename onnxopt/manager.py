@@ -94,7 +94,8 @@ class PassManager:
                                       for k in r), default=0.0)
         records: list[PassRecord] = []
         for group in self._groups():
-            rounds = self.max_iterations if (self.fixed_point and group[0].lossless and len(group) > 0) else 1
+            repeat = self.fixed_point and group[0].lossless and not group[0].run_once
+            rounds = self.max_iterations if repeat else 1
             for rnd in range(1, rounds + 1):
                 changed_any = False
                 for p in group:
@@ -110,7 +111,8 @@ class PassManager:
     def _groups(self) -> list[list[Pass]]:
         groups: list[list[Pass]] = []
         for p in self.passes:
-            if groups and p.lossless and groups[-1][0].lossless:
+            repeatable = p.lossless and not p.run_once
+            if groups and repeatable and groups[-1][0].lossless and not groups[-1][0].run_once:
                 groups[-1].append(p)
             else:
                 groups.append([p])

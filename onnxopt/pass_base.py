@@ -57,6 +57,9 @@ class Pass:
     # Targets the pass is valid for; presets only include a pass for these targets.
     targets: ClassVar[tuple[str, ...]] = TARGETS
     Options: ClassVar[type] = NoOptions
+    # Run once, outside the lossless fixed-point group: for passes that convert the graph
+    # into a form other passes no longer match (contrib ops, opset upgrades, annotations).
+    run_once: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()

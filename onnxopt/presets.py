@@ -29,9 +29,11 @@ _LOSSLESS = [
     "fuse-pad",
     "fuse-matmul-add",
     "fuse-horizontal",
-    "fuse-conv-activation",
     "cse",
     "eliminate-dead",
+    # runs once after the fixed point: its com.microsoft FusedConv hides Convs from the
+    # fusions above (only for target cpu: TensorRT cannot parse contrib ops)
+    "fuse-conv-activation",
 ]
 
 PRESETS: dict[str, list[str]] = {

@@ -32,6 +32,7 @@ class UpgradeOpset(Pass):
     name = "upgrade-opset"
     summary = "Convert the default-domain opset up to `min_opset` with onnx.version_converter (TensorRT wants ≥ 13)."
     lossless = True
+    run_once = True
 
     @dataclass
     class Options:
@@ -69,6 +70,7 @@ class InferShapes(Pass):
     name = "infer-shapes"
     summary = "Declare every intermediate tensor's dtype and shape found by ONNX shape inference."
     lossless = True
+    run_once = True
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
         skeleton = G.export_skeleton(graph, ctx.template)

@@ -1,4 +1,5 @@
-"""Lossless fusion passes: fold a linear op that follows Conv/ConvTranspose/Gemm/MatMul into its weights.
+"""Lossless vertical fusion passes: fold a linear op next to Conv/ConvTranspose/Gemm/MatMul into its
+weights, and a zero Pad into the ``pads`` of the Conv or pool that reads it.
 
 Every fusion here is one *rule*: a small class with
 
@@ -15,7 +16,9 @@ option ``explain`` is set or the context carries a truthy ``explain`` attribute.
 
 Most rules here fold a per-output-channel affine map ``y' = y * scale + shift`` into the
 producer of ``y``; :class:`AffineTarget` knows how each producer (Conv, ConvTranspose, Gemm,
-MatMul) absorbs one. New weights are computed in float64 and cast back to the weight's dtype.
+MatMul) absorbs one. ``fold-batchnorm`` also folds a BN that *precedes* an unpadded Conv or a
+Gemm/MatMul into that reader's weights (:class:`BatchNormIntoConsumer`). New weights are computed
+in float64 and cast back to the weight's dtype.
 """
 
 from __future__ import annotations
@@ -205,6 +208,11 @@ def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
         node.inputs.append(tensor)
 
 
+def _string_attr(node: gs.Node, name: str, default: str) -> str:
+    value = G.attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _before_opset_7(site: FusionSite) -> bool:
     return site.root.opset is not None and site.root.opset < 7
 
@@ -375,7 +383,12 @@ class AffineTarget:
         _set_input(node, 2, node_bias)
 
     def _scaled_weight(self, scale: np.ndarray) -> np.ndarray:
-        w = self.weight.astype(np.float64)
+        # One rounding per element either way: float32 products of float32 weights with the
+        # (float64-computed) scale are within 1 ulp of a float64 product, at half the cost on
+        # 100 MB of weights. fp16 weights are scaled in float32, float64 ones in float64.
+        work = np.float64 if self.weight.dtype == np.float64 else np.float32
+        w = self.weight.astype(work, copy=False)
+        scale = np.asarray(scale).astype(work)
         op = self.node.op
         if op == "Conv":  # W: (C_out, C_in/group, k...)
             return w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -409,34 +422,47 @@ class AffineFoldRule(FusionRule):
 
 
 # =========================================================================== fold-batchnorm
+def batchnorm_affine(bn: gs.Node) -> "tuple[np.ndarray, np.ndarray] | NoMatch":
+    """Inference BN as ``y = x * s + t`` per channel of axis 1 (float64), or why it is not one.
+
+    ONNX spec: ``y = (x - mean) / sqrt(var + epsilon) * scale + B``, i.e.
+    ``s = scale / sqrt(var + epsilon)`` and ``t = B - mean * s``.
+    """
+    if int(G.attr(bn, "training_mode", 0)):
+        return NoMatch(bn, "training_mode=1 normalises with batch statistics")
+    if any(_present(t) for t in bn.outputs[1:]):
+        # Opsets 7-13: the mean/var outputs exist only in training mode (spec "Output case #1"),
+        # and onnxruntime then normalises with batch statistics.
+        return NoMatch(bn, "has running mean/var outputs, i.e. runs in training mode")
+    if len(bn.inputs) != 5:
+        return NoMatch(bn, f"has {len(bn.inputs)} inputs, expected 5")
+    params = [G.constant_value(t) for t in bn.inputs[1:]]
+    if any(p is None for p in params):
+        return NoMatch(bn, "scale, bias, mean and var are not all constant")
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    if not all(p.ndim == 1 and p.shape == gamma.shape for p in (beta, mean, var)) or gamma.ndim != 1:
+        return NoMatch(bn, "parameters are not 1-D vectors of one length (spatial=0 form)")
+    var_eps = var + float(G.attr(bn, "epsilon", 1e-5))
+    if np.any(var_eps <= 0) or not np.all(np.isfinite(var_eps)):
+        return NoMatch(bn, "var + epsilon is not positive and finite")
+    scale = gamma / np.sqrt(var_eps)
+    return scale, beta - mean * scale
+
+
 class BatchNormIntoProducer(AffineFoldRule):
     """BatchNormalization (inference) after Conv/ConvTranspose/Gemm/MatMul → scaled weights and bias.
 
-    Inference BN (ONNX spec): ``y = (x - mean) / sqrt(var + epsilon) * scale + B`` over axis 1,
-    i.e. ``y = x * s + (B - mean * s)`` with ``s = scale / sqrt(var + epsilon)``.
+    ``y = x * s + t`` per output channel of the producer (see :func:`batchnorm_affine`).
     """
 
     anchor_ops = ("BatchNormalization",)
     counter = "batchnorms_folded"
 
     def match(self, site: FusionSite, bn: gs.Node):
-        if int(G.attr(bn, "training_mode", 0)):
-            return NoMatch(bn, "training_mode=1 normalises with batch statistics")
-        if any(_present(t) for t in bn.outputs[1:]):
-            # Opsets 7-13: the mean/var outputs exist only in training mode (spec "Output case #1"),
-            # and onnxruntime then normalises with batch statistics.
-            return NoMatch(bn, "has running mean/var outputs, i.e. runs in training mode")
-        if len(bn.inputs) != 5:
-            return NoMatch(bn, f"has {len(bn.inputs)} inputs, expected 5")
-        params = [G.constant_value(t) for t in bn.inputs[1:]]
-        if any(p is None for p in params):
-            return NoMatch(bn, "scale, bias, mean and var are not all constant")
-        gamma, beta, mean, var = (p.astype(np.float64) for p in params)
-        if not all(p.ndim == 1 and p.shape == gamma.shape for p in (beta, mean, var)) or gamma.ndim != 1:
-            return NoMatch(bn, "parameters are not 1-D vectors of one length (spatial=0 form)")
-        var_eps = var + float(G.attr(bn, "epsilon", 1e-5))
-        if np.any(var_eps <= 0) or not np.all(np.isfinite(var_eps)):
-            return NoMatch(bn, "var + epsilon is not positive and finite")
+        affine = batchnorm_affine(bn)
+        if isinstance(affine, NoMatch):
+            return affine
+        scale, shift = affine
         x = bn.inputs[0]
         prod = site.local_producer(x)
         if prod is None or prod.op not in FOLD_TARGET_OPS:
@@ -448,10 +474,150 @@ class BatchNormIntoProducer(AffineFoldRule):
         target = AffineTarget.inspect(site, prod, scales=True, shifts=True)
         if isinstance(target, str):
             return NoMatch(bn, target)
-        if gamma.shape[0] != target.channels:
-            return NoMatch(bn, f"{gamma.shape[0]} BN channels vs {target.channels} output channels of {prod.op}")
-        scale = gamma / np.sqrt(var_eps)
-        return AffineFoldMatch(bn, target, scale, beta - mean * scale)
+        if scale.shape[0] != target.channels:
+            return NoMatch(bn, f"{scale.shape[0]} BN channels vs {target.channels} output channels of {prod.op}")
+        return AffineFoldMatch(bn, target, scale, shift)
+
+
+@dataclass
+class InputFoldMatch:
+    """``reader`` (Conv/Gemm/MatMul) gets ``weight`` and ``bias`` and reads the BN's input."""
+
+    bn: gs.Node
+    reader: gs.Node
+    weight: np.ndarray
+    bias: np.ndarray
+
+
+class BatchNormIntoConsumer(FusionRule):
+    """BatchNormalization (inference) *before* a Conv with zero pads, or a Gemm/MatMul → new weights and bias.
+
+    With ``x' = x * s + t`` per input channel c (axis 1) and a Conv whose every window lies inside
+    the input (no padding: a padded Conv would read 0 where the BN output holds ``t``)::
+
+        Conv(W, b)(x') = Conv(W', b')(x),  W'[o, i, k] = W[o, i, k] * s[c(o, i)],
+                                            b'[o] = b[o] + sum_{i,k} W[o, i, k] * t[c(o, i)]
+
+    where ``c(o, i) = (o // (C_out / group)) * (C_in / group) + i`` is the input channel that
+    in-group index i of output channel o reads (ONNX Conv ``group``). For a 2-D input A (BN over
+    its feature axis) Gemm is ``alpha * (A s + t) B + beta C = alpha * A (diag(s) B) + (beta C + alpha t B)``.
+    """
+
+    anchor_ops = ("BatchNormalization",)
+    counter = "batchnorms_folded"
+    reader_ops = ("Conv", "Gemm", "MatMul")
+
+    def match(self, site: FusionSite, bn: gs.Node):
+        affine = batchnorm_affine(bn)
+        if isinstance(affine, NoMatch):
+            return affine
+        scale, shift = affine
+        y = bn.outputs[0]
+        readers = G.consumers(y)
+        reader = readers[0] if readers else None
+        if reader is None or reader.op not in self.reader_ops or id(reader) not in site.node_ids \
+                or not G.is_default_domain(reader):
+            what = f"{reader.op} '{reader.name}'" if reader is not None else "no node"
+            return NoMatch(bn, f"output is read by {what}; only a following Conv/Gemm/MatMul folds")
+        problem = site.sole_use_problem(y, reader)
+        if problem:
+            return NoMatch(bn, problem)
+        if reader.inputs[0] is not y or any(t is y for t in reader.inputs[1:]):
+            return NoMatch(bn, f"output is not only the data input of {reader.op} '{reader.name}'")
+        weight = G.constant_value(reader.inputs[1]) if len(reader.inputs) > 1 else None
+        if weight is None:
+            return NoMatch(bn, f"{reader.op} '{reader.name}' weight is not constant")
+        if weight.dtype not in FLOAT_DTYPES:
+            return NoMatch(bn, f"{reader.op} '{reader.name}' weight dtype {weight.dtype} is not float16/32/64")
+        bias = None
+        bias_tensor = _optional_input(reader, 2) if reader.op != "MatMul" else None
+        if bias_tensor is not None:
+            bias = G.constant_value(bias_tensor)
+            if bias is None:
+                return NoMatch(bn, f"{reader.op} '{reader.name}' bias '{bias_tensor.name}' is not constant")
+            bias = bias.astype(np.float64)
+        if reader.op == "Conv":
+            folded = self._into_conv(reader, weight, bias, scale, shift)
+        else:
+            folded = self._into_gemm(site, bn, reader, weight, bias, scale, shift)
+        if isinstance(folded, str):
+            return NoMatch(bn, folded)
+        new_weight, new_bias = folded
+        return InputFoldMatch(bn, reader, new_weight.astype(weight.dtype), new_bias.astype(weight.dtype))
+
+    @staticmethod
+    def _into_conv(conv: gs.Node, weight: np.ndarray, bias: np.ndarray | None, scale: np.ndarray,
+                   shift: np.ndarray) -> "tuple[np.ndarray, np.ndarray] | str":
+        where = f"Conv '{conv.name}'"
+        auto_pad = _string_attr(conv, "auto_pad", "NOTSET")
+        if auto_pad not in ("NOTSET", "VALID"):
+            return f"{where} has auto_pad={auto_pad}: it pads with 0 where the BN output would hold its shift"
+        if any(int(p) for p in G.attr(conv, "pads", ())):
+            return f"{where} has pads {list(G.attr(conv, 'pads'))}: it pads with 0 where the BN output would hold its shift"
+        if weight.ndim < 3:
+            return f"{where} weight is {weight.ndim}-D"
+        group = int(G.attr(conv, "group", 1))
+        c_out, in_per_group = weight.shape[:2]
+        if group < 1 or c_out % group:
+            return f"{where} has {c_out} output channels, not divisible into {group} groups"
+        if in_per_group * group != scale.shape[0]:
+            return f"{scale.shape[0]} BN channels vs {in_per_group * group} input channels of {where}"
+        # channel[o, i]: the input channel read by in-group index i of output channel o.
+        out_group = np.arange(c_out) // (c_out // group)
+        channel = out_group[:, None] * in_per_group + np.arange(in_per_group)[None, :]
+        spatial = (1,) * (weight.ndim - 2)
+        w = weight.astype(np.float64)
+        new_weight = w * scale[channel].reshape(channel.shape + spatial)
+        new_bias = (w * shift[channel].reshape(channel.shape + spatial)).sum(axis=tuple(range(1, w.ndim)))
+        if bias is not None:
+            new_bias = new_bias + bias
+        return new_weight, new_bias
+
+    @staticmethod
+    def _into_gemm(site: FusionSite, bn: gs.Node, node: gs.Node, weight: np.ndarray, bias: np.ndarray | None,
+                   scale: np.ndarray, shift: np.ndarray) -> "tuple[np.ndarray, np.ndarray] | str":
+        where = f"{node.op} '{node.name}'"
+        if weight.ndim != 2:
+            return f"{where} weight is {weight.ndim}-D, not 2-D"
+        if _before_opset_7(site):
+            return "Gemm before opset 7 broadcasts C only with its legacy broadcast attribute"
+        if node.op == "MatMul":
+            rank = site.run.rank(bn.inputs[0])
+            if rank != 2:
+                # BN normalises axis 1; MatMul contracts the last axis: the same axis only for 2-D input.
+                why = "unknown" if rank is None else f"{rank}-D"
+                return f"BN input is {why}; only a 2-D input has its channels on the axis {where} contracts"
+            trans_b, alpha, beta = 0, 1.0, 1.0
+        else:
+            if int(G.attr(node, "transA", 0)):
+                return f"{where} has transA=1: BN's axis 1 is not the contracted axis"
+            trans_b = int(G.attr(node, "transB", 0))
+            alpha, beta = float(G.attr(node, "alpha", 1.0)), float(G.attr(node, "beta", 1.0))
+        b = weight.astype(np.float64)
+        b_km = b.T if trans_b else b  # (K, M)
+        if b_km.shape[0] != scale.shape[0]:
+            return f"{scale.shape[0]} BN channels vs {b_km.shape[0]} input features of {where}"
+        new_weight = b * scale[None, :] if trans_b else b * scale[:, None]
+        new_bias = alpha * (shift @ b_km)
+        if bias is not None:
+            new_bias = beta * bias + new_bias  # C of shape (M,), (1, M), (N, M), (N, 1) or scalar
+        return new_weight, new_bias
+
+    def rewrite(self, site: FusionSite, match: InputFoldMatch) -> int:
+        reader, bn = match.reader, match.bn
+        reader.inputs[1] = site.run.names.constant(_folded_name(reader.inputs[1].name), match.weight)
+        bias = site.run.names.constant(_folded_name(f"{reader.name or reader.op}_bias"), match.bias)
+        if reader.op == "MatMul":
+            reader.op = "Gemm"  # MatMul(A, B) + C == Gemm(A, B, C) for 2-D A
+            reader.attrs = {}
+        if reader.op == "Gemm":
+            reader.attrs["beta"] = 1.0  # the old beta is inside the new C
+        _set_input(reader, 2, bias)
+        reader.inputs[0] = bn.inputs[0]
+        bn.inputs.clear()
+        bn.outputs.clear()
+        site.run.removed.append(bn)
+        return 1
 
 
 @dataclass
@@ -477,8 +643,10 @@ class FusionPass(Pass):
 @register_pass
 class FoldBatchNorm(FusionPass):
     name = "fold-batchnorm"
-    summary = "Fold inference BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul."
-    rules = (BatchNormIntoProducer(),)
+    summary = ("Fold inference BatchNormalization into the preceding Conv, ConvTranspose, Gemm or MatMul, "
+               "or into a following unpadded Conv, Gemm or MatMul.")
+    # Into the producer first: it has no padding condition.
+    rules = (BatchNormIntoProducer(), BatchNormIntoConsumer())
 
 
 # =========================================================================== fuse-conv-add
@@ -611,3 +779,204 @@ class FuseMatMulAdd(FusionPass):
     name = "fuse-matmul-add"
     summary = "Turn a 2-D MatMul with a constant weight followed by a bias Add into one Gemm."
     rules = (MatMulAddToGemm(),)
+
+
+# =========================================================================== fuse-pad
+# Producers whose output is never negative: a zero Pad before MaxPool then never wins a window
+# that holds a real element, so MaxPool's own padding (ignored positions) gives the same maxima.
+NON_NEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Exp", "Abs"})
+PAD_READER_OPS = ("Conv", "ConvTranspose", "AveragePool", "MaxPool")
+
+
+@dataclass
+class ZeroPadding:
+    """A Pad that writes zeros: ``begins[a]``/``ends[a]`` elements before/after axis a."""
+
+    begins: list[int]
+    ends: list[int]
+
+
+def zero_padding(pad: gs.Node, rank: int | None) -> "ZeroPadding | str":
+    """The padding of a constant-mode, zero-valued Pad with constant pads, or why it is not one.
+
+    Pad-1 has a ``paddings`` attribute, Pad-2 ``pads`` and ``value``; from Pad-11 they are inputs
+    (``pads``, optional ``constant_value``), and Pad-18 adds an optional ``axes`` input. ``pads``
+    lists the begins of every (listed) axis, then the ends. Both forms are read whatever the opset.
+    """
+    mode = _string_attr(pad, "mode", "constant")
+    if mode != "constant":
+        return f"mode '{mode}' pads with copies of the input, not zeros"
+    axes = None
+    if "pads" in pad.attrs or "paddings" in pad.attrs:
+        pads = G.attr(pad, "pads", G.attr(pad, "paddings"))
+        value = np.array(float(G.attr(pad, "value", 0.0)))
+    else:
+        pads_tensor = _optional_input(pad, 1)
+        pads = G.constant_value(pads_tensor) if pads_tensor is not None else None
+        if pads is None:
+            return "pads are computed at run time" if pads_tensor is not None else "has no pads"
+        value_tensor = _optional_input(pad, 2)
+        value = np.array(0.0) if value_tensor is None else G.constant_value(value_tensor)
+        if value is None:
+            return f"pad value '{value_tensor.name}' is computed at run time"
+        axes_tensor = _optional_input(pad, 3)
+        if axes_tensor is not None:
+            axes = G.constant_value(axes_tensor)
+            if axes is None:
+                return f"axes '{axes_tensor.name}' are computed at run time"
+            axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if np.asarray(value).size != 1 or np.asarray(value).reshape(-1)[0] != 0:
+        return f"pad value {np.asarray(value).reshape(-1).tolist()} is not 0"
+    pads = [int(p) for p in np.asarray(pads).reshape(-1)]
+    if len(pads) % 2:
+        return f"has an odd number of pads ({len(pads)})"
+    if any(p < 0 for p in pads):
+        return f"pads {pads} crop (negative pads)"
+    half = len(pads) // 2
+    if axes is None:
+        if rank is not None and half != rank:
+            return f"{half} padded axes for a rank-{rank} input"
+        return ZeroPadding(pads[:half], pads[half:])
+    if rank is None:
+        return "input rank is unknown; cannot place the padded axes"
+    if len(axes) != half:
+        return f"{len(axes)} axes but {half} pad pairs"
+    normalized = [a + rank if a < 0 else a for a in axes]
+    if any(not 0 <= a < rank for a in normalized) or len(set(normalized)) != len(normalized):
+        return f"axes {axes} are out of range or repeated for rank {rank}"
+    begins, ends = [0] * rank, [0] * rank
+    for i, a in enumerate(normalized):
+        begins[a], ends[a] = pads[i], pads[half + i]
+    return ZeroPadding(begins, ends)
+
+
+def _non_negative_problem(site: FusionSite, tensor: gs.Tensor) -> str | None:
+    """None when ``tensor`` is evidently >= 0 (its producer's definition), else why we cannot tell."""
+    prod = site.local_producer(tensor)
+    if prod is None:
+        return "its input is not produced by a node of this graph, so it may be negative"
+    if prod.op in NON_NEGATIVE_OPS:
+        return None
+    if prod.op == "Clip":
+        # Clip-6 has a ``min`` attribute (default: lowest float); Clip-11 an optional ``min`` input.
+        low = G.attr(prod, "min")
+        if low is None:
+            low_tensor = _optional_input(prod, 1)
+            low = G.constant_value(low_tensor) if low_tensor is not None else None
+        if low is not None and np.asarray(low).size == 1 and float(np.asarray(low).reshape(-1)[0]) >= 0:
+            return None
+        return f"its input comes from Clip '{prod.name}' without a constant min >= 0, so it may be negative"
+    return f"its input comes from {prod.op} '{prod.name}', which may be negative"
+
+
+def _reader_rank(site: FusionSite, reader: gs.Node, x: gs.Tensor) -> int | None:
+    """The rank of the data the Conv/pool reads: 2 + its number of spatial axes."""
+    kernel = G.attr(reader, "kernel_shape")
+    if kernel is not None:
+        return len(kernel) + 2
+    if reader.op in ("Conv", "ConvTranspose") and len(reader.inputs) > 1:
+        shape = G.static_shape(reader.inputs[1])
+        if shape is not None:
+            return len(shape)
+    return site.run.rank(x)
+
+
+@dataclass
+class PadMatch:
+    pad: gs.Node
+    reader: gs.Node
+    pads: list[int]  # the reader's new ``pads`` attribute
+
+
+class PadIntoReader(FusionRule):
+    """A zero constant Pad of the spatial axes before Conv, AveragePool or MaxPool → the reader's ``pads``.
+
+    The readers pad spatial axes themselves (ONNX ``pads``: begins then ends of each spatial
+    axis). Conv pads with zeros, so any zero Pad folds. AveragePool with count_include_pad=1
+    averages pad positions as zeros; with 0 it would shrink the divisor. MaxPool ignores pad
+    positions: the same as a zero Pad when the input is never negative and every window still
+    holds a real element (dilation 1, no ceil_mode, each side's pad below the kernel, which
+    onnxruntime also demands of pools). ConvTranspose ``pads`` crop its output instead.
+    """
+
+    anchor_ops = ("Pad",)
+    counter = "pads_fused"
+
+    def match(self, site: FusionSite, pad: gs.Node):
+        if not pad.inputs or len(pad.outputs) != 1:
+            return None
+        out = pad.outputs[0]
+        readers = G.consumers(out)
+        if not any(r.op in PAD_READER_OPS for r in readers):
+            return None  # no candidate: the Pad feeds no Conv/pool
+        reader = readers[0]
+        problem = site.sole_use_problem(out, reader)
+        if problem:
+            return NoMatch(pad, problem)
+        if id(reader) not in site.node_ids or not G.is_default_domain(reader):
+            return None
+        where = f"{reader.op} '{reader.name}'"
+        if reader.inputs[0] is not out or any(t is out for t in reader.inputs[1:]):
+            return NoMatch(pad, f"output is not only the data input of {where}")
+        if reader.op == "ConvTranspose":
+            return NoMatch(pad, f"{where}: ConvTranspose pads crop its output; they cannot pad its input")
+        rank = _reader_rank(site, reader, pad.inputs[0])
+        padding = zero_padding(pad, rank)
+        if isinstance(padding, str):
+            return NoMatch(pad, padding)
+        if any(padding.begins[:2]) or any(padding.ends[:2]):
+            return NoMatch(pad, f"pads the batch or channel axis (begins {padding.begins}, ends {padding.ends})")
+        spatial = len(padding.begins) - 2
+        if spatial < 1:
+            return NoMatch(pad, f"pads a rank-{spatial + 2} tensor; {where} needs spatial axes")
+        auto_pad = _string_attr(reader, "auto_pad", "NOTSET")
+        if auto_pad not in ("NOTSET", "VALID"):  # VALID: no padding, like NOTSET with zero pads
+            return NoMatch(pad, f"{where} has auto_pad={auto_pad}; its padding depends on the input size")
+        old = [int(p) for p in G.attr(reader, "pads", [0] * (2 * spatial))]
+        if len(old) != 2 * spatial:
+            return NoMatch(pad, f"{where} has {len(old)} pads for {spatial} spatial axes")
+        new = [old[i] + padding.begins[2 + i] for i in range(spatial)] + \
+              [old[spatial + i] + padding.ends[2 + i] for i in range(spatial)]
+        if reader.op != "Conv":
+            problem = self._pool_problem(site, pad, reader, new, spatial)
+            if problem:
+                return NoMatch(pad, f"{where}: {problem}")
+        return PadMatch(pad, reader, new)
+
+    @staticmethod
+    def _pool_problem(site: FusionSite, pad: gs.Node, pool: gs.Node, pads: list[int], spatial: int) -> str | None:
+        if pool.op == "AveragePool" and not int(G.attr(pool, "count_include_pad", 0)):
+            return "count_include_pad=0 would leave the padded zeros out of the divisor"
+        if pool.op == "MaxPool":
+            if any(_present(t) for t in pool.outputs[1:]):
+                return "its Indices output counts positions of the padded tensor"
+            problem = _non_negative_problem(site, pad.inputs[0])
+            if problem:
+                return f"a padded 0 could be a window's maximum: {problem}"
+        if int(G.attr(pool, "ceil_mode", 0)):
+            return "ceil_mode=1 adds end windows that may hold only padding (and runtimes clip them differently)"
+        if any(int(d) != 1 for d in G.attr(pool, "dilations", ())):
+            return "dilated windows may hold only padding"
+        kernel = G.attr(pool, "kernel_shape")
+        if kernel is None or len(kernel) != spatial:
+            return "kernel_shape is missing or does not fit the padded rank"
+        if any(pads[i] >= kernel[i] or pads[spatial + i] >= kernel[i] for i in range(spatial)):
+            return f"pads {pads} would not all be smaller than kernel {list(kernel)}"
+        return None
+
+    def rewrite(self, site: FusionSite, match: PadMatch) -> int:
+        reader, pad = match.reader, match.pad
+        reader.attrs["pads"] = match.pads
+        reader.attrs.pop("auto_pad", None)  # NOTSET (default) or VALID: explicit pads now
+        reader.inputs[0] = pad.inputs[0]
+        pad.inputs.clear()
+        pad.outputs.clear()
+        site.run.removed.append(pad)
+        return 1
+
+
+@register_pass
+class FusePad(FusionPass):
+    name = "fuse-pad"
+    summary = "Fold a zero constant Pad of spatial axes into the pads of the following Conv, AveragePool or MaxPool."
+    rules = (PadIntoReader(),)

@@ -1,4 +1,5 @@
-"""Lossless layout passes: fuse consecutive data-movement ops into one (or none).
+"""Lossless layout passes: fuse consecutive data-movement ops into one (or none), and push
+Transposes through layout-agnostic ops until they cancel.
 
 ``fuse-consecutive`` rewrites pairs of consecutive ops that only move or regroup elements,
 the fusions onnxoptimizer (and so onnx-simplifier) runs:
@@ -24,12 +25,22 @@ before opset 10) come as attributes, later as inputs; both forms are read whatev
 and new nodes are written in the form of the model's opset. Negative axes are normalised with
 the known rank and the pair is skipped when the rank is needed and unknown.
 
+``fuse-transposes`` removes the Transpose pairs that NHWC exporters (tf2onnx, keras2onnx) put
+around every NCHW op: a Transpose(P) moves down through elementwise ops (unary; binary/variadic
+with constants, which are transposed after numpy-style rank alignment, or with other Transpose(P)
+outputs), Concat/Split/ArgMax/Softmax (axis a → P[a]), Reduce* with keepdims, Pad, Slice and Tile
+(per-axis parameters reordered) until it reaches a Transpose, which composes with P and vanishes
+when it is P's inverse. It rewrites a region only when that removes nodes: every tensor that a
+layout-dependent op (Conv, Resize, Reshape, ...) or a graph output still reads as it was gets a
+Transpose(P) back, and those are counted against the ones removed.
+
 The rules follow passes/fusion.py: ``match`` returns ``None`` (no candidate), a
 :class:`~onnxopt.passes.fusion.NoMatch` with the reason, or a match that ``rewrite`` applies.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -607,3 +618,688 @@ class FuseConsecutive(FusionPass):
         explain = bool(self.options.explain or getattr(ctx, "explain", False))
         return apply_rules(graph, self.rules, explain=explain, max_notes=max(0, int(self.options.max_notes)),
                            run_factory=LayoutRun)
+
+
+# =========================================================================== fuse-transposes
+# Exporters from NHWC frameworks (tf2onnx, keras2onnx) wrap every NCHW op in Transpose pairs:
+# Conv → Transpose(NCHW→NHWC) → Relu → Add(bias) → Transpose(NHWC→NCHW) → Conv. The ops in between
+# do not care about the layout, so the first Transpose can move down past them until it meets its
+# inverse and both vanish. Notation: a *region tensor* r is one that the rewrite recomputes in the
+# layout before the Transpose: its *twin* r' satisfies r = Transpose(r', P). An op of the region
+# runs on the twins with its axis parameters mapped by P: axis i of r is axis P[i] of r'.
+
+
+@dataclass(frozen=True)
+class PushFrame:
+    """The permutation being pushed down and the model opset; maps axis parameters through it."""
+
+    perm: tuple[int, ...]
+    opset: int
+
+    @property
+    def rank(self) -> int:
+        return len(self.perm)
+
+    @property
+    def inverse(self) -> list[int]:
+        inverse = [0] * self.rank
+        for i, p in enumerate(self.perm):
+            inverse[p] = i
+        return inverse
+
+    def axis(self, axis: int) -> int | None:
+        """Axis ``axis`` of a region tensor (negative counts from the end) as an axis of its twin."""
+        axis = axis + self.rank if axis < 0 else axis
+        return self.perm[axis] if 0 <= axis < self.rank else None
+
+    def axes(self, axes: list[int]) -> list[int] | None:
+        mapped = [self.axis(a) for a in axes]
+        return None if any(a is None for a in mapped) else mapped
+
+    def per_axis(self, values: list) -> list | None:
+        """A list with one entry per axis of a region tensor, reordered for its twin (w[P[i]] = v[i])."""
+        if len(values) != self.rank:
+            return None
+        out = list(values)
+        for i, v in enumerate(values):
+            out[self.perm[i]] = v
+        return out
+
+
+@dataclass
+class NodeEdit:
+    """How a pushed op changes: attributes to set, and parameter inputs to replace by new constants."""
+
+    attrs: dict = field(default_factory=dict)
+    constants: dict[int, tuple[str, np.ndarray]] = field(default_factory=dict)  # input position → (name, value)
+
+
+class LayoutAgnostic:
+    """An op that commutes with Transpose: ``op(Transpose(x, P)) == Transpose(op'(x), P)``.
+
+    ``data_positions`` are the inputs that live in the layout (the others, such as Clip bounds or
+    Reduce axes, are parameters); ``prepare`` returns the :class:`NodeEdit` that turns ``op`` into
+    ``op'`` or the reason it cannot. With ``broadcast``, constant data inputs may have a lower rank
+    and broadcast (numpy rules); otherwise they have the full rank.
+    """
+
+    broadcast: ClassVar[bool] = False
+
+    def data_positions(self, node: gs.Node) -> range:
+        return range(min(1, len(node.inputs)))
+
+    def prepare(self, frame: PushFrame, site: FusionSite, node: gs.Node) -> NodeEdit | str:
+        return NodeEdit()
+
+
+class Elementwise(LayoutAgnostic):
+    """Unary elementwise ops: each output element depends on the same input element only."""
+
+
+class PerTensorQuantization(LayoutAgnostic):
+    """QuantizeLinear/DequantizeLinear with a scalar scale and zero point are elementwise."""
+
+    def prepare(self, frame, site, node):
+        if int(G.attr(node, "block_size", 0)):
+            return f"{_describe(node)} quantizes per block"
+        for index in (1, 2):
+            if index < len(node.inputs) and not node.inputs[index].is_empty():
+                if site.run.rank(node.inputs[index]) != 0:
+                    return f"{_describe(node)} quantizes per axis (its scale or zero point is not a scalar)"
+        return NodeEdit()
+
+
+class Broadcasting(LayoutAgnostic):
+    """Binary/variadic elementwise ops with multidirectional broadcasting (ONNX opset ≥ 7)."""
+
+    broadcast = True
+
+    def data_positions(self, node):
+        return range(len(node.inputs))
+
+    def prepare(self, frame, site, node):
+        if frame.opset < 7 and int(G.attr(node, "broadcast", 0)):
+            return f"{_describe(node)} uses the legacy (opset < 7) broadcast attribute"
+        if node.op == "PRelu" and frame.opset < 7:
+            return "PRelu before opset 7 does not broadcast its slope"
+        return NodeEdit()
+
+
+class OneAxis(LayoutAgnostic):
+    """Ops with one ``axis`` attribute (Concat, Split, ArgMax, LpNormalization, ...): axis a → P[a]."""
+
+    def __init__(self, default_axis: int | None = 0, every_input: bool = False, needs_keepdims: bool = False):
+        self.default_axis = default_axis
+        self.every_input = every_input
+        self.needs_keepdims = needs_keepdims
+
+    def data_positions(self, node):
+        return range(len(node.inputs)) if self.every_input else super().data_positions(node)
+
+    def prepare(self, frame, site, node):
+        if self.needs_keepdims and not int(G.attr(node, "keepdims", 1)):
+            return f"{_describe(node)} drops the reduced axis (keepdims=0)"
+        axis = G.attr(node, "axis", self.default_axis)
+        mapped = None if axis is None else frame.axis(int(axis))
+        if mapped is None:
+            return f"{_describe(node)} axis {axis} is not an axis of a rank-{frame.rank} tensor"
+        return NodeEdit(attrs={"axis": mapped})
+
+
+class SoftmaxAxis(LayoutAgnostic):
+    """Softmax/LogSoftmax/Hardmax. From opset 13 they normalise along one axis (a → P[a]); before,
+    over the axes ``axis..rank-1`` flattened together, which maps onto a suffix of the twin's axes
+    only when P sends that suffix onto a suffix."""
+
+    single_axis = OneAxis(-1)
+
+    def prepare(self, frame, site, node):
+        if frame.opset >= 13:
+            return self.single_axis.prepare(frame, site, node)
+        axis = int(G.attr(node, "axis", 1))
+        axis = axis + frame.rank if axis < 0 else axis
+        if not 0 <= axis < frame.rank:
+            return f"{_describe(node)} axis {axis} is not an axis of a rank-{frame.rank} tensor"
+        normalised = {frame.perm[i] for i in range(axis, frame.rank)}
+        new_axis = frame.rank - len(normalised)
+        if normalised != set(range(new_axis, frame.rank)):
+            return (f"{_describe(node)} (opset < 13) normalises over axes {axis}.. flattened, which the "
+                    f"permutation {list(frame.perm)} does not keep together at the end")
+        return NodeEdit(attrs={"axis": new_axis})
+
+
+class ReduceAxes(LayoutAgnostic):
+    """Reduce* with keepdims=1: the reduced axes map through P (no axes: every axis, unchanged)."""
+
+    def prepare(self, frame, site, node):
+        if not int(G.attr(node, "keepdims", 1)):
+            return f"{_describe(node)} drops the reduced axes (keepdims=0)"
+        axes, problem = _axes_operand(node)
+        if problem:
+            return problem
+        if axes is None:
+            return NodeEdit()
+        mapped = frame.axes(axes)
+        if mapped is None:
+            return f"{_describe(node)} axes {axes} are not axes of a rank-{frame.rank} tensor"
+        if "axes" in node.attrs:
+            return NodeEdit(attrs={"axes": sorted(mapped)})
+        return NodeEdit(constants={1: ("axes", np.array(sorted(mapped), dtype=np.int64))})
+
+
+class PadAxes(LayoutAgnostic):
+    """Pad: ``pads`` (all begins, then all ends, one per axis) reorder through P; with the opset-18
+    ``axes`` input the axes map instead."""
+
+    def prepare(self, frame, site, node):
+        if "paddings" in node.attrs:
+            return "Pad-1 (paddings attribute) is not supported"
+        if "pads" in node.attrs:
+            pads = [int(p) for p in node.attrs["pads"]]
+            mapped = self._pads(frame, pads)
+            return f"{_describe(node)} pads {pads} do not fit rank {frame.rank}" if mapped is None else \
+                NodeEdit(attrs={"pads": mapped})
+        present, axes = _input_values(node, 3)
+        if present:
+            mapped = None if axes is None else frame.axes(axes)
+            if mapped is None:
+                return f"{_describe(node)} axes are not constant or out of range"
+            return NodeEdit(constants={3: ("axes", np.array(mapped, dtype=G.constant_value(node.inputs[3]).dtype))})
+        present, pads = _input_values(node, 1)
+        mapped = self._pads(frame, pads) if pads is not None else None
+        if mapped is None:
+            return f"{_describe(node)} pads are not constant or do not fit rank {frame.rank}"
+        return NodeEdit(constants={1: ("pads", np.array(mapped, dtype=np.int64))})
+
+    @staticmethod
+    def _pads(frame: PushFrame, pads: list[int]) -> list[int] | None:
+        n = frame.rank
+        if len(pads) != 2 * n:
+            return None
+        return frame.per_axis(pads[:n]) + frame.per_axis(pads[n:])
+
+
+class TileRepeats(LayoutAgnostic):
+    """Tile (opset ≥ 6): one repeat count per axis, reordered through P."""
+
+    def prepare(self, frame, site, node):
+        if frame.opset < 6:
+            return "Tile before opset 6 has a different signature"
+        present, repeats = _input_values(node, 1)
+        mapped = frame.per_axis(repeats) if repeats is not None else None
+        if mapped is None:
+            return f"{_describe(node)} repeats are not a constant with one entry per axis"
+        return NodeEdit(constants={1: ("repeats", np.array(mapped, dtype=np.int64))})
+
+
+class SliceAxes(LayoutAgnostic):
+    """Slice: its axes map through P (starts, ends and steps stay with their axis)."""
+
+    def prepare(self, frame, site, node):
+        params = _slice_params(node)
+        if isinstance(params, str):
+            return params
+        mapped = frame.axes(params.axes)
+        if mapped is None:
+            return f"{_describe(node)} axes {params.axes} are not axes of a rank-{frame.rank} tensor"
+        if "starts" in node.attrs:
+            return NodeEdit(attrs={"axes": mapped})
+        index_dtype = G.constant_value(node.inputs[1]).dtype  # starts/ends/axes/steps share one type
+        return NodeEdit(constants={3: ("axes", np.array(mapped, dtype=index_dtype))})
+
+
+_UNARY_OPS = ("Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu",
+              "Softplus", "Softsign", "ThresholdedRelu", "Shrink", "Gelu", "Mish", "Clip", "Abs", "Neg", "Exp",
+              "Log", "Sqrt", "Reciprocal", "Erf", "Sign", "Floor", "Ceil", "Round", "Sin", "Cos", "Tan", "Asin",
+              "Acos", "Atan", "Sinh", "Cosh", "Asinh", "Acosh", "Atanh", "Not", "IsNaN", "IsInf", "BitwiseNot",
+              "Cast", "Identity")
+_BROADCASTING_OPS = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Mod", "PRelu", "Where",
+                     "Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor", "BitShift",
+                     "BitwiseAnd", "BitwiseOr", "BitwiseXor")
+
+# Op type → how it commutes with a Transpose. Anything else (Conv, Resize, Reshape, Shape, Squeeze,
+# MatMul, LayerNormalization, ...) depends on the layout: the region stops in front of it.
+LAYOUT_AGNOSTIC: dict[str, LayoutAgnostic] = {
+    **{op: Elementwise() for op in _UNARY_OPS},
+    **{op: Broadcasting() for op in _BROADCASTING_OPS},
+    "QuantizeLinear": PerTensorQuantization(),
+    "DequantizeLinear": PerTensorQuantization(),
+    "Concat": OneAxis(None, every_input=True),
+    "Split": OneAxis(0),
+    "LpNormalization": OneAxis(-1),
+    "ArgMax": OneAxis(0, needs_keepdims=True),
+    "ArgMin": OneAxis(0, needs_keepdims=True),
+    "Softmax": SoftmaxAxis(),
+    "LogSoftmax": SoftmaxAxis(),
+    "Hardmax": SoftmaxAxis(),
+    **{op: ReduceAxes() for op in REDUCE_OPS},
+    "Pad": PadAxes(),
+    "Tile": TileRepeats(),
+    "Slice": SliceAxes(),
+}
+
+
+def transpose_perm(site: FusionSite, node: gs.Node) -> list[int] | None:
+    """The permutation of a Transpose (the default reverses the axes and needs the rank), or None."""
+    perm = G.attr(node, "perm")
+    if perm is None:
+        rank = site.run.rank(node.inputs[0]) if node.inputs else None
+        return None if rank is None else list(range(rank))[::-1]
+    perm = [int(p) for p in perm]
+    return perm if sorted(perm) == list(range(len(perm))) else None
+
+
+def _permuted_shape(shape, inverse: list[int]):
+    """Shape of the twin r' of r (r = Transpose(r', P)): r'.shape[j] = r.shape[Q[j]], Q = P⁻¹."""
+    if shape is None or len(shape) != len(inverse):
+        return None
+    return [shape[q] for q in inverse]
+
+
+def transposed_constant(value: np.ndarray, inverse: list[int], broadcast: bool, strip: bool) -> np.ndarray:
+    """The constant c' with op(r', c') = Transpose(op(r, c), P⁻¹) for a region tensor r: c aligned to
+    the full rank (numpy broadcasting pads leading 1s), then transposed by P⁻¹. With ``strip``, leading
+    unit dims are dropped again down to c's own rank (an NHWC bias (C,) becomes (C, 1, 1), not (1, C, 1, 1))."""
+    n = len(inverse)
+    aligned = value.reshape((1,) * (n - value.ndim) + value.shape) if broadcast else value
+    out = np.ascontiguousarray(np.transpose(aligned, inverse))
+    if strip:
+        while out.ndim > value.ndim and out.shape[0] == 1:
+            out = out.reshape(out.shape[1:])
+    return out
+
+
+class TransposeRun(LayoutRun):
+    """:class:`LayoutRun` that also tallies removed Transposes and shares transposed constants."""
+
+    def __init__(self, root: gs.Graph):
+        super().__init__(root)
+        self.transposes_removed = 0
+        self.settled: set[int] = set()  # entry Transposes of regions found not worth rewriting
+        self._constants: dict[tuple, gs.Tensor] = {}
+
+    def transposed(self, const: gs.Tensor, inverse: list[int], broadcast: bool, strip: bool) -> gs.Tensor:
+        key = (id(const), tuple(inverse), broadcast, strip)
+        if key not in self._constants:
+            value = G.constant_value(const)
+            new = transposed_constant(value, inverse, broadcast, strip)
+            if new.shape == value.shape and np.array_equal(new, value):
+                self._constants[key] = const  # a scalar, or symmetric in the permuted axes
+            else:
+                self._constants[key] = self.names.constant(f"{const.name}_transposed", new)
+        return self._constants[key]
+
+
+# =========================================================================== the region of one Transpose
+@dataclass
+class TransposeRegion:
+    """Everything a push of Transpose(``perm``) down from ``seed`` touches, and what it costs.
+
+    * ``entries``: Transposes with the same perm whose outputs are region tensors (the seed first);
+    * ``nodes``: layout-agnostic ops recomputed on twins, with their ``edits``;
+    * ``exits``: Transposes reading a region tensor; they compose with P (cancel when inverse);
+    * ``imports``: non-constant operands of region ops that come from elsewhere and need Transpose(P⁻¹);
+    * ``boundaries``: region tensors that someone still reads as they are (a graph output, a Conv,
+      a parameter input): they are recomputed from the twin by a new Transpose(P) (an entry's output
+      keeps its own Transpose instead).
+    """
+
+    seed: gs.Node
+    frame: PushFrame
+    allow_imports: bool
+    entries: dict[int, gs.Node] = field(default_factory=dict)
+    tensors: dict[int, gs.Tensor] = field(default_factory=dict)
+    producers: dict[int, gs.Node] = field(default_factory=dict)  # region tensor → region op writing it
+    nodes: dict[int, gs.Node] = field(default_factory=dict)
+    edits: dict[int, NodeEdit] = field(default_factory=dict)
+    exits: dict[int, gs.Node] = field(default_factory=dict)
+    imports: dict[int, gs.Tensor] = field(default_factory=dict)
+    stops: list[str] = field(default_factory=list)  # why readers stayed outside
+    agnostic_readers: int = 0  # readers that were layout-agnostic ops or Transposes, joined or not
+    imports_would_help: bool = False  # an op waited only for operands from outside
+    # Filled by ``price``.
+    boundaries: list[gs.Tensor] = field(default_factory=list)
+    exit_modes: dict[int, str] = field(default_factory=dict)  # "retarget" | "bypass" | "identity"
+    nodes_saved: int = 0
+    transposes_saved: int = 0
+
+    counter = "transpose_regions_rewritten"
+
+    # ------------------------------------------------------------------ growth
+    def grow(self, site: FusionSite) -> str | None:
+        """Collect the region reachable from the seed; returns why it is unusable, else None."""
+        queue: list[gs.Tensor] = []
+        self._waiting: dict[int, tuple[str, bool]] = {}  # reader → (why it waits, whether imports help)
+        self._add_entry(self.seed, queue)
+        waiting: list[gs.Node] = []  # ops with an operand from outside, retried as the region grows
+        seen: set[int] = set()
+        while True:
+            while queue:
+                tensor = queue.pop()
+                for reader in list(tensor.outputs):
+                    if id(reader) in seen:
+                        continue
+                    seen.add(id(reader))
+                    verdict = self._visit(site, reader, queue)
+                    if verdict == "wait":
+                        waiting.append(reader)
+            grown = False
+            for reader in list(waiting):
+                if self._visit(site, reader, queue) != "wait":
+                    waiting.remove(reader)
+                    grown = True
+            if not grown:
+                break
+        for reader in waiting:
+            reason, importable = self._waiting[id(reader)]
+            self.stops.append(reason)
+            self.imports_would_help |= importable
+        for entry in self.entries.values():
+            if id(entry.inputs[0]) in self.tensors:
+                return f"Transpose '{entry.name}' both reads and feeds the region"
+        self.imports = {k: t for k, t in self.imports.items() if k not in self.tensors}
+        return None
+
+    def _add_entry(self, entry: gs.Node, queue: list) -> None:
+        self.entries[id(entry)] = entry
+        self._add_tensor(entry.outputs[0], None, queue)
+
+    def _add_tensor(self, tensor: gs.Tensor, producer: gs.Node | None, queue: list) -> None:
+        if tensor.is_empty() or id(tensor) in self.tensors:
+            return
+        self.tensors[id(tensor)] = tensor
+        if producer is not None:
+            self.producers[id(tensor)] = producer
+        queue.append(tensor)
+
+    def _entry_of(self, site: FusionSite, tensor: gs.Tensor) -> gs.Node | None:
+        node = site.local_producer(tensor)
+        if node is None or node.op != "Transpose" or len(node.outputs) != 1 or not node.inputs:
+            return None
+        return node if transpose_perm(site, node) == list(self.frame.perm) else None
+
+    def _visit(self, site: FusionSite, reader: gs.Node, queue: list) -> str:
+        """Classify one reader of a region tensor: "exit", "node", "stop" or "wait" (foreign operand)."""
+        if id(reader) in self.nodes or id(reader) in self.exits:
+            return "node"
+        if id(reader) not in site.node_ids or not G.is_default_domain(reader):
+            self.stops.append(f"{_describe(reader)} is in another graph or domain")
+            return "stop"
+        if reader.op == "Transpose" or reader.op in LAYOUT_AGNOSTIC:
+            self.agnostic_readers += 1
+        if reader.op == "Transpose":
+            perm = transpose_perm(site, reader)
+            if perm is None or len(perm) != self.frame.rank:
+                self.stops.append(f"{_describe(reader)} has no usable perm")
+                return "stop"
+            self.exits[id(reader)] = reader
+            return "exit"
+        handler = LAYOUT_AGNOSTIC.get(reader.op)
+        if handler is None:
+            self.stops.append(f"{_describe(reader)} is not layout-agnostic")
+            return "stop"
+        n = self.frame.rank
+        new_entries, foreign, unknown_rank = [], [], None
+        for index in handler.data_positions(reader):
+            operand = reader.inputs[index]
+            if operand.is_empty() or id(operand) in self.tensors:
+                continue
+            value = G.constant_value(operand)
+            if value is not None:
+                if value.ndim > n or (value.ndim != n and not handler.broadcast):
+                    self.stops.append(f"{_describe(reader)} has a rank-{value.ndim} constant operand; "
+                                      f"the region has rank {n}")
+                    return "stop"
+                continue
+            if isinstance(operand, gs.Constant):
+                self.stops.append(f"{_describe(reader)} constant '{operand.name}' cannot be read")
+                return "stop"
+            entry = self._entry_of(site, operand)
+            if entry is not None:
+                new_entries.append(entry)
+                continue
+            rank = site.run.rank(operand)
+            if rank is not None and rank != n:  # region tensors have rank n: it never joins
+                self.stops.append(f"{_describe(reader)} operand '{operand.name}' has rank {rank}, not {n}")
+                return "stop"
+            if rank is None:
+                unknown_rank = f"{_describe(reader)} operand '{operand.name}' has an unknown rank"
+            foreign.append(operand)
+        edit = handler.prepare(self.frame, site, reader)
+        if isinstance(edit, str):
+            self.stops.append(edit)
+            return "stop"
+        if unknown_rank or (foreign and not self.allow_imports):
+            # Wait: the operand may still join the region (an output of a region op found later).
+            self._waiting[id(reader)] = (unknown_rank or f"{_describe(reader)} has an operand from outside the region",
+                                         not unknown_rank)
+            return "wait"
+        self.nodes[id(reader)] = reader
+        self.edits[id(reader)] = edit
+        for operand in foreign:
+            self.imports[id(operand)] = operand
+        for entry in new_entries:
+            if id(entry) not in self.entries:
+                self._add_entry(entry, queue)
+        for out in reader.outputs:
+            self._add_tensor(out, reader, queue)
+        return "node"
+
+    # ------------------------------------------------------------------ cost
+    def price(self, site: FusionSite) -> None:
+        """Decide what each boundary and exit becomes and count the nodes and Transposes saved."""
+        run = site.run
+        entry_outputs = {id(e.outputs[0]): e for e in self.entries.values()}
+        self.boundaries = [t for t in self.tensors.values() if self._read_as_is(run, t)]
+        kept_entries = {id(t) for t in self.boundaries if id(t) in entry_outputs}
+        added = len(self.boundaries) - len(kept_entries) + len(self.imports)
+        removed_nodes = len(self.entries) - len(kept_entries)
+        removed_transposes = removed_nodes
+        renamed: set[int] = set()  # twins that already took a graph output's name
+        for key, exit_node in self.exits.items():
+            source = exit_node.inputs[0]
+            if self.composed(site, exit_node) != list(range(self.frame.rank)):
+                self.exit_modes[key] = "retarget"
+                continue
+            removed_transposes += 1
+            out = exit_node.outputs[0]
+            if id(out) not in run.output_ids:
+                self.exit_modes[key] = "bypass"
+            else:  # the twin takes the output's name, if it may (see cleanup.safe_to_bypass)
+                entry = entry_outputs.get(id(source))
+                if entry is not None:
+                    may = safe_to_bypass(run.root, site.graph, entry.inputs[0], out)
+                else:
+                    may = any(t is out for t in site.graph.outputs)
+                may = may and id(source) not in renamed
+                renamed.add(id(source))
+                self.exit_modes[key] = "bypass" if may else "identity"
+            removed_nodes += self.exit_modes[key] == "bypass"
+        self.nodes_saved = removed_nodes - added
+        self.transposes_saved = removed_transposes - added
+
+    def _read_as_is(self, run: FusionRun, tensor: gs.Tensor) -> bool:
+        if id(tensor) in run.output_ids:
+            return True
+        for reader in tensor.outputs:
+            if id(reader) in self.exits:
+                continue
+            if id(reader) not in self.nodes:
+                return True
+            positions = LAYOUT_AGNOSTIC[reader.op].data_positions(reader)
+            if any(t is tensor and i not in positions for i, t in enumerate(reader.inputs)):
+                return True  # read as a parameter (a Clip bound, ...), not as data
+        return False
+
+    def composed(self, site: FusionSite, exit_node: gs.Node) -> list[int]:
+        """Transpose(Transpose(r', P), Q2) = Transpose(r', [P[q] for q in Q2])."""
+        return [self.frame.perm[q] for q in transpose_perm(site, exit_node)]
+
+    def describe(self) -> str:
+        stops = "; ".join(dict.fromkeys(self.stops))
+        what = (f"pushing it through {len(self.nodes)} op(s) to {len(self.exits)} Transpose(s) would save "
+                f"{self.nodes_saved} node(s)")
+        return f"{what} ({stops})" if stops else what
+
+
+# =========================================================================== the rule
+class TransposePushdown(FusionRule):
+    """Move a Transpose down through layout-agnostic ops until it meets and cancels its inverse.
+
+    The region of a Transpose(P) grows through its readers: layout-agnostic ops join (their other
+    operands must be constants, which are transposed, region tensors, outputs of other Transpose(P)s,
+    which join as entries, or, when that pays, any rank-n tensor behind a new Transpose(P⁻¹)); a
+    Transpose reader is an exit; any other reader stops the growth. The region is rewritten only when
+    it saves nodes: every entry and cancelled exit removed, minus the Transposes that boundaries and
+    imports add. So the number of Transposes never grows and the pass reaches a fixed point.
+    """
+
+    anchor_ops = ("Transpose",)
+
+    def match(self, site: FusionSite, seed: gs.Node):
+        run: TransposeRun = site.run
+        if id(seed) in run.settled or len(seed.outputs) != 1 or not seed.inputs:
+            return None
+        perm = transpose_perm(site, seed)
+        if perm is None:
+            return NoMatch(seed, "a Transpose without perm reverses the axes, and the rank is unknown")
+        frame = PushFrame(tuple(perm), site.root.opset if site.root.opset is not None else 1)
+        best = None
+        for allow_imports in (False, True):
+            region = TransposeRegion(seed, frame, allow_imports)
+            problem = region.grow(site)
+            if problem:
+                run.settled.update(region.entries)
+                return NoMatch(seed, problem)
+            if not region.agnostic_readers:
+                return None  # every reader depends on the layout (a Conv, ...): not a candidate
+            region.price(site)
+            if best is None or region.nodes_saved > best.nodes_saved:
+                best = region
+            if not region.imports_would_help:
+                break
+        if best.nodes_saved <= 0:
+            run.settled.update(best.entries)
+            return NoMatch(seed, best.describe())
+        return best
+
+    def rewrite(self, site: FusionSite, region: TransposeRegion) -> int:
+        _rewrite_region(site, region)
+        site.run.transposes_removed += region.transposes_saved
+        return region.nodes_saved
+
+
+def _rewrite_region(site: FusionSite, region: TransposeRegion) -> None:
+    run: TransposeRun = site.run
+    frame = region.frame
+    perm, inverse = list(frame.perm), frame.inverse
+    names = run.names
+    before: dict[int, list[gs.Node]] = {}  # new nodes to place in front of / behind existing ones
+    after: dict[int, list[gs.Node]] = {}
+
+    # Twins: an entry's output is its input; every other region tensor gets a new tensor.
+    twin: dict[int, gs.Tensor] = {id(e.outputs[0]): e.inputs[0] for e in region.entries.values()}
+    for tensor in region.tensors.values():
+        if id(tensor) not in twin:
+            twin[id(tensor)] = gs.Variable(names(f"{tensor.name}_untransposed"), dtype=tensor.dtype,
+                                           shape=_permuted_shape(tensor.shape, inverse))
+
+    # Imports: Transpose(y, P⁻¹) in front of the first region op reading y.
+    order = {id(n): i for i, n in enumerate(site.graph.nodes)}
+    for key, operand in region.imports.items():
+        imported = gs.Variable(names(f"{operand.name}_untransposed"), dtype=operand.dtype,
+                               shape=_permuted_shape(operand.shape, inverse))
+        readers = [r for r in operand.outputs if id(r) in region.nodes]
+        node = gs.Node("Transpose", name=names(f"{operand.name}_Transpose"), attrs={"perm": inverse},
+                       inputs=[operand], outputs=[imported])
+        before.setdefault(id(min(readers, key=lambda r: order[id(r)])), []).append(node)
+        twin[key] = imported
+
+    # Region ops run on the twins.
+    for key, node in region.nodes.items():
+        handler = LAYOUT_AGNOSTIC[node.op]
+        for index in handler.data_positions(node):
+            operand = node.inputs[index]
+            if id(operand) in twin:
+                node.inputs[index] = twin[id(operand)]
+            elif not operand.is_empty():  # a constant
+                strip = handler.broadcast and frame.opset >= 8  # Max/Min/Sum/Mean broadcast from opset 8
+                node.inputs[index] = run.transposed(operand, inverse, handler.broadcast, strip)
+        edit = region.edits[key]
+        node.attrs.update(edit.attrs)
+        for index, (what, value) in edit.constants.items():
+            const = names.constant(f"{node.name or node.op}_{what}", value)
+            if index < len(node.inputs):
+                node.inputs[index] = const
+            else:
+                node.inputs.append(const)  # Slice without axes: its axes are input 3
+        for index, out in enumerate(node.outputs):
+            if id(out) in twin:
+                node.outputs[index] = twin[id(out)]
+
+    # Boundaries: recompute the tensor from its twin (an entry's output keeps its Transpose).
+    for tensor in region.boundaries:
+        producer = region.producers.get(id(tensor))
+        if producer is None:
+            continue
+        node = gs.Node("Transpose", name=names(f"{tensor.name}_Transpose"), attrs={"perm": perm},
+                       inputs=[twin[id(tensor)]], outputs=[tensor])
+        after.setdefault(id(producer), []).append(node)
+
+    # Exits read the twin: cancelled ones disappear, the others compose their perm with P.
+    for key, exit_node in region.exits.items():
+        source = twin[id(exit_node.inputs[0])]
+        mode = region.exit_modes[key]
+        if mode == "retarget":
+            exit_node.attrs["perm"] = region.composed(site, exit_node)
+            exit_node.inputs[0] = source
+        elif mode == "identity":  # a graph output that the twin cannot become: keep the name through Identity
+            exit_node.op, exit_node.attrs = "Identity", {}
+            exit_node.inputs[0] = source
+        else:
+            out = exit_node.outputs[0]
+            if id(out) in run.output_ids:
+                G.replace_tensor(run.root, out, source)  # the twin takes the output's name
+                run.output_ids.add(id(source))
+            else:
+                G.replace_uses(out, source)
+            _drop(run, exit_node)
+
+    boundary_ids = {id(t) for t in region.boundaries}
+    for entry in region.entries.values():
+        if id(entry.outputs[0]) not in boundary_ids:
+            _drop(run, entry)
+
+    # Keep the node list topologically sorted (the lazy shape inference of this run exports it).
+    if before or after:
+        nodes = []
+        for node in site.graph.nodes:
+            nodes.extend(before.get(id(node), ()))
+            nodes.append(node)
+            nodes.extend(after.get(id(node), ()))
+        site.graph.nodes = nodes
+        for new in itertools.chain(*before.values(), *after.values()):
+            site.node_ids.add(id(new))
+
+
+@register_pass
+class FuseTransposes(FusionPass):
+    name = "fuse-transposes"
+    summary = ("Push Transposes down through elementwise and other layout-agnostic ops so that "
+               "NHWC/NCHW pairs (TensorFlow exports) meet and cancel.")
+    rules = (TransposePushdown(),)
+
+    def run(self, graph: gs.Graph, ctx) -> PassResult:
+        explain = bool(self.options.explain or getattr(ctx, "explain", False))
+        runs: list[TransposeRun] = []
+
+        def new_run(root: gs.Graph) -> TransposeRun:
+            runs.append(TransposeRun(root))
+            return runs[-1]
+
+        result = apply_rules(graph, self.rules, explain=explain, max_notes=max(0, int(self.options.max_notes)),
+                             run_factory=new_run)
+        removed = sum(r.transposes_removed for r in runs)
+        if removed:
+            result.counters["transposes_removed"] = removed
+        return result

@@ -441,3 +441,339 @@ def test_real_model_has_no_more_nodes_than_onnxsim(name, real_model_path):
     ours = onnxopt.optimize(model).model
     theirs = onnxsim.simplify(model)[0]
     assert count_nodes(ours) <= count_nodes(theirs)
+
+
+# =========================================================================== fuse-transposes
+TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
+def transposes_pushed(model, feeds=None, rel_l2=1e-6, explain=False):
+    """Run fuse-transposes, check the model and its outputs, and return (model, counters, notes)."""
+    spec = "fuse-transposes:explain=true" if explain else "fuse-transposes"
+    result = onnxopt.optimize(model, passes=[spec])
+    onnx.checker.check_model(result.model, full_check=True)
+    assert_same_outputs(model, result.model, feeds=feeds, rel_l2=rel_l2)
+    assert len(result.model.graph.node) <= len(model.graph.node)
+    record = result.records[0]
+    return result.model, record.counters, record.notes
+
+
+def conv(x, y, w_name, c_in, c_out, rng=RNG):
+    return (helper.make_node("Conv", [x, w_name], [y], name=f"conv_{y}"),
+            init(w_name, rng.standard_normal((c_out, c_in, 1, 1)).astype(np.float32)))
+
+
+def tf_style(middle, middle_inits=(), outputs=("y",), channels=4, opset=13, extra_outputs=(), m_channels=None):
+    """x (1, 3, 5, 6) → Conv → Transpose to NHWC ("t") → ``middle`` (ends in "m") → Transpose to NCHW → Conv → y,
+    the shape of a tf2onnx export."""
+    c1, w1 = conv("x", "c", "w1", 3, channels)
+    c2, w2 = conv("back", "y", "w2", m_channels or channels, 2)
+    nodes = [c1, helper.make_node("Transpose", ["c"], ["t"], perm=TO_NHWC), *middle,
+             helper.make_node("Transpose", ["m"], ["back"], perm=TO_NCHW), c2]
+    return build(nodes, [vi("x", [1, 3, 5, 6])], [vi(o, None) for o in (*outputs, *extra_outputs)],
+                 [w1, w2, *middle_inits], opset=opset)
+
+
+def initializer(model, name):
+    return onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def test_nhwc_pair_around_relu_and_bias_add_cancels_and_the_bias_becomes_c11():
+    bias = RNG.standard_normal(4).astype(np.float32)
+    model = tf_style([helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Add", ["r", "bias"], ["m"])],
+                     [init("bias", bias)])
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out) == ["Conv", "Relu", "Add", "Conv"]
+    assert counters["transposes_removed"] == 2 and counters["nodes_removed"] == 2
+    new_bias = initializer(out, out.graph.node[2].input[1])
+    assert new_bias.shape == (4, 1, 1) and np.array_equal(new_bias.reshape(-1), bias)
+
+
+def test_full_rank_constant_and_scalar_constant_operands():
+    full = RNG.standard_normal((1, 5, 6, 4)).astype(np.float32)  # NHWC, varies along every axis but N
+    middle = [helper.make_node("Mul", ["t", "full"], ["p"]), helper.make_node("Sub", ["half", "p"], ["q"]),
+              helper.make_node("Clip", ["q", "lo", "hi"], ["m"])]
+    inits = [init("full", full), init("half", np.array(0.5, dtype=np.float32)),
+             init("lo", np.array(-1, dtype=np.float32)), init("hi", np.array(1, dtype=np.float32))]
+    out, _, _ = transposes_pushed(tf_style(middle, inits), rel_l2=0.0)
+    assert "Transpose" not in op_types(out)
+    assert initializer(out, out.graph.node[1].input[1]).shape == (1, 4, 5, 6)
+    assert initializer(out, out.graph.node[2].input[0]).shape == ()  # the scalar is reused as it is
+
+
+def test_concat_of_two_transposed_branches():
+    c1, w1 = conv("x", "a", "w1", 3, 4)
+    c2, w2 = conv("x", "b", "w2", 3, 2)
+    c3, w3 = conv("back", "y", "w3", 6, 2)
+    nodes = [c1, c2, helper.make_node("Transpose", ["a"], ["ta"], perm=TO_NHWC),
+             helper.make_node("Transpose", ["b"], ["tb"], perm=TO_NHWC),
+             helper.make_node("Relu", ["tb"], ["rb"]),
+             helper.make_node("Concat", ["ta", "rb"], ["cat"], axis=-1),  # channels in NHWC
+             helper.make_node("Transpose", ["cat"], ["back"], perm=TO_NCHW), c3]
+    model = build(nodes, [vi("x", [1, 3, 5, 6])], [vi("y", None)], [w1, w2, w3], opset=13)
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert "Transpose" not in op_types(out) and counters["transposes_removed"] == 3
+    concat = next(n for n in out.graph.node if n.op_type == "Concat")
+    assert helper.get_attribute_value(concat.attribute[0]) == 1  # NHWC axis 3 is NCHW axis 1
+
+
+def test_concat_with_a_constant_and_an_add_of_two_transposed_tensors():
+    c1, w1 = conv("x", "a", "w1", 3, 4)
+    c2, w2 = conv("x", "b", "w2", 3, 4)
+    pad = RNG.standard_normal((1, 5, 6, 2)).astype(np.float32)
+    nodes = [c1, c2, helper.make_node("Transpose", ["a"], ["ta"], perm=TO_NHWC),
+             helper.make_node("Transpose", ["b"], ["tb"], perm=TO_NHWC),
+             helper.make_node("Add", ["ta", "tb"], ["s"]),
+             helper.make_node("Concat", ["s", "extra"], ["y0"], axis=3),
+             helper.make_node("Transpose", ["y0"], ["y"], perm=TO_NCHW)]
+    model = build(nodes, [vi("x", [1, 3, 5, 6])], [vi("y", None)], [w1, w2, init("extra", pad)], opset=13)
+    out, _, _ = transposes_pushed(model, rel_l2=0.0)
+    assert "Transpose" not in op_types(out) and out.graph.output[0].name == "y"
+
+
+def test_graph_output_in_the_middle_keeps_its_value_and_one_transpose():
+    middle = [helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Sigmoid", ["r"], ["m"])]
+    model = tf_style(middle, extra_outputs=("r",))
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out).count("Transpose") == 1 and counters["transposes_removed"] == 1
+    assert [o.name for o in out.graph.output] == ["y", "r"]
+    producer = next(n for n in out.graph.node if "r" in n.output)
+    assert producer.op_type == "Transpose" and list(producer.attribute[0].ints) == TO_NHWC
+
+
+def test_chain_ending_in_a_graph_output_is_left_alone():
+    c1, w1 = conv("x", "c", "w1", 3, 4)
+    nodes = [c1, helper.make_node("Transpose", ["c"], ["t"], perm=TO_NHWC), helper.make_node("Relu", ["t"], ["y"])]
+    model = build(nodes, [vi("x", [1, 3, 5, 6])], [vi("y", None)], [w1], opset=13)
+    out, counters, notes = transposes_pushed(model, explain=True)
+    assert op_types(out) == ["Conv", "Transpose", "Relu"] and "transposes_removed" not in counters
+    assert any("save 0 node" in n for n in notes)
+
+
+def test_multiple_consumers_each_cancel_their_transpose():
+    c2b, w2b = conv("back2", "z", "w3", 4, 2)
+    middle = [helper.make_node("LeakyRelu", ["t"], ["m"], alpha=0.1),
+              helper.make_node("Transpose", ["m"], ["back2"], perm=TO_NCHW), c2b]
+    model = tf_style(middle, [w2b], extra_outputs=("z",))
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert "Transpose" not in op_types(out) and counters["transposes_removed"] == 3
+
+
+def test_shared_entry_stays_for_a_layout_dependent_reader():
+    # t feeds a MaxPool (layout-dependent: it must keep reading t) and a Relu → Transpose back.
+    middle = [helper.make_node("Relu", ["t"], ["m"]),
+              helper.make_node("MaxPool", ["t"], ["side"], kernel_shape=[2, 2])]
+    model = tf_style(middle, extra_outputs=("side",))
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out).count("Transpose") == 1 and counters["transposes_removed"] == 1
+    assert next(n for n in out.graph.node if n.op_type == "MaxPool").input[0] == "t"
+
+
+def test_chain_hitting_a_conv_is_left_alone():
+    c1, w1 = conv("x", "c", "w1", 3, 4)
+    c2, w2 = conv("r", "y", "w2", 6, 2)  # reads the NHWC tensor as if it were NCHW: no inverse Transpose
+    nodes = [c1, helper.make_node("Transpose", ["c"], ["t"], perm=TO_NHWC), helper.make_node("Relu", ["t"], ["r"]), c2]
+    model = build(nodes, [vi("x", [1, 3, 6, 6])], [vi("y", None)], [w1, w2], opset=13)
+    out, counters, notes = transposes_pushed(model, explain=True)
+    assert op_types(out) == op_types(model) and not counters.get("nodes_removed")
+    assert any("Conv 'conv_y' is not layout-agnostic" in n for n in notes)
+
+
+@pytest.mark.parametrize("op", ["Softmax", "LogSoftmax"])
+def test_softmax_axis_is_remapped(op):
+    model = tf_style([helper.make_node(op, ["t"], ["m"], axis=-1)], opset=13)
+    out, _, _ = transposes_pushed(model)
+    node = next(n for n in out.graph.node if n.op_type == op)
+    assert "Transpose" not in op_types(out) and helper.get_attribute_value(node.attribute[0]) == 1
+
+
+@pytest.mark.parametrize("perm,axis,new_axis", [([0, 1, 3, 2], 2, 2), ([0, 1, 3, 2], 3, None),
+                                                (TO_NHWC, 1, 1), (TO_NHWC, 3, None)])
+def test_softmax_before_opset_13_moves_only_when_its_flattened_axes_stay_a_suffix(perm, axis, new_axis):
+    # Opset 11 Softmax normalises over axes axis..3 flattened together. Axis i of the transposed tensor
+    # is axis perm[i] before it: with perm [0, 1, 3, 2], axes {2, 3} stay {3, 2} (a suffix) but axis {3}
+    # is {2}; with NHWC, axes {1, 2, 3} are {2, 3, 1} (a suffix) but {3} is the channel axis 1.
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=perm),
+             helper.make_node("Softmax", ["t"], ["m"], axis=axis),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[perm.index(i) for i in range(4)])]
+    model = build(nodes, [vi("x", [1, 3, 5, 6])], [vi("y", None)], opset=11)
+    out, _, _ = transposes_pushed(model)
+    if new_axis is None:
+        assert op_types(out) == op_types(model)
+    else:
+        assert op_types(out) == ["Relu", "Softmax"]
+        assert helper.get_attribute_value(out.graph.node[1].attribute[0]) == new_axis
+
+
+@pytest.mark.parametrize("opset", [13, 18])
+def test_reduce_mean_keepdims_axes_are_remapped(opset):
+    red, inits = axes_node("ReduceMean", "t", "mean", [1, 2], opset, "red", keepdims=1)  # NHWC spatial axes
+    middle = [red, helper.make_node("Mul", ["t", "mean"], ["m"])]  # squeeze-excite style rescale
+    out, _, _ = transposes_pushed(tf_style(middle, inits, opset=opset))
+    assert "Transpose" not in op_types(out)
+    reduce = next(n for n in out.graph.node if n.op_type == "ReduceMean")
+    axes = (list(reduce.attribute[[a.name for a in reduce.attribute].index("axes")].ints) if opset < 18
+            else initializer(out, reduce.input[1]).tolist())
+    assert sorted(axes) == [2, 3]
+
+
+def test_reduce_without_keepdims_stops_the_push():
+    red, inits = axes_node("ReduceMean", "t", "m", [1], 13, "red", keepdims=0)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=TO_NHWC), red,
+             helper.make_node("Transpose", ["m"], ["y"], perm=[0, 2, 1])]
+    model = build(nodes, [vi("x", [1, 3, 5, 6])], [vi("y", None)], inits, opset=13)
+    out, _, notes = transposes_pushed(model, explain=True)
+    assert op_types(out).count("Transpose") == 2
+    assert any("keepdims=0" in n for n in notes)
+
+
+def test_rank3_pair_around_elementwise_ops_cancels():
+    # (N, C, T) ↔ (N, T, C), as in speech models; the (C,) scale broadcasts along the last axis.
+    scale = RNG.standard_normal(4).astype(np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+             helper.make_node("Mul", ["t", "scale"], ["s"]), helper.make_node("Tanh", ["s"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[0, 2, 1])]
+    model = build(nodes, [vi("x", [2, 4, 7])], [vi("y", None)], [init("scale", scale)], opset=13)
+    out, _, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out) == ["Relu", "Mul", "Tanh"] and out.graph.output[0].name == "y"
+    assert initializer(out, out.graph.node[1].input[1]).shape == (4, 1)
+
+
+def test_non_inverse_exit_keeps_one_composed_transpose():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[1, 2, 0]),
+             helper.make_node("Neg", ["t"], ["m"]), helper.make_node("Transpose", ["m"], ["y"], perm=[0, 2, 1])]
+    model = build(nodes, [vi("x", [2, 3, 4])], [vi("y", None)], opset=13)
+    out, _, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out) == ["Relu", "Neg", "Transpose"]
+    assert list(out.graph.node[2].attribute[0].ints) == [1, 0, 2]
+
+
+def test_pad_slice_split_tile_and_argmax_parameters_are_remapped():
+    # NHWC (1, 5, 6, 4) → Pad H by (1, 0), W by (0, 3), C by (0, 2) → (1, 6, 9, 6) → Slice W [1:5] → Split C →
+    # Tile W x2 | Mul by ArgMax over W → Concat W → (1, 6, 12, 3).
+    inits = [init("pads", np.array([0, 1, 0, 0, 0, 0, 3, 2], dtype=np.int64)),
+             init("starts", np.array([1], dtype=np.int64)), init("ends", np.array([5], dtype=np.int64)),
+             init("sl_axes", np.array([2], dtype=np.int64)), init("repeats", np.array([1, 1, 2, 1], dtype=np.int64))]
+    middle = [helper.make_node("Pad", ["t", "pads"], ["p"]),
+              helper.make_node("Slice", ["p", "starts", "ends", "sl_axes"], ["s"]),
+              helper.make_node("Split", ["s"], ["s1", "s2"], axis=3),
+              helper.make_node("Tile", ["s1", "repeats"], ["s1t"]),
+              helper.make_node("ArgMax", ["s2"], ["am"], axis=2, keepdims=1),
+              helper.make_node("Cast", ["am"], ["amf"], to=TensorProto.FLOAT),
+              helper.make_node("Mul", ["s2", "amf"], ["s2m"]),
+              helper.make_node("Concat", ["s1t", "s2m"], ["m"], axis=2)]
+    model = tf_style(middle, inits, opset=13, m_channels=3)
+    out, _, _ = transposes_pushed(model, rel_l2=0.0)
+    assert "Transpose" not in op_types(out)
+    pad = next(n for n in out.graph.node if n.op_type == "Pad")
+    assert initializer(out, pad.input[1]).tolist() == [0, 0, 1, 0, 0, 2, 0, 3]  # NCHW begins, ends
+    slice_ = next(n for n in out.graph.node if n.op_type == "Slice")
+    assert initializer(out, slice_.input[3]).tolist() == [3]
+
+
+def test_foreign_operand_is_imported_when_that_saves_nodes():
+    # t + x_nhwc, where x_nhwc is a graph input already in NHWC: one Transpose(NCHW) on it cancels two.
+    c1, w1 = conv("x", "c", "w1", 3, 4)
+    nodes = [c1, helper.make_node("Transpose", ["c"], ["t"], perm=TO_NHWC), helper.make_node("Add", ["t", "z"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["y"], perm=TO_NCHW)]
+    model = build(nodes, [vi("x", [1, 3, 5, 6]), vi("z", [1, 5, 6, 4])], [vi("y", None)], [w1], opset=13)
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out).count("Transpose") == 1 and counters["transposes_removed"] == 1
+    importer = next(n for n in out.graph.node if n.op_type == "Transpose")
+    assert importer.input[0] == "z" and list(importer.attribute[0].ints) == TO_NCHW
+
+
+def test_foreign_operand_that_does_not_pay_stays_outside():
+    # Importing z would cost one Transpose and the graph output another: the pair alone cancels, so the Add stays out.
+    c1, w1 = conv("x", "c", "w1", 3, 4)
+    c2, w2 = conv("back", "y", "w2", 4, 2)
+    nodes = [c1, helper.make_node("Transpose", ["c"], ["t"], perm=TO_NHWC), helper.make_node("Relu", ["t"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["back"], perm=TO_NCHW), c2,
+             helper.make_node("Add", ["m", "z"], ["side"])]
+    model = build(nodes, [vi("x", [1, 3, 5, 6]), vi("z", [1, 5, 6, 4])], [vi("y", None), vi("side", None)],
+                       [w1, w2], opset=13)
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out).count("Transpose") == 1 and counters["nodes_removed"] == 1
+
+
+def test_transposed_tensor_read_as_a_parameter_is_kept():
+    # Clip reads t as data (it joins the region) and as its bound (a parameter: it must keep t's value).
+    # onnxruntime wants a scalar-sized bound, hence rank 1.
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[0]),
+             helper.make_node("Clip", ["t", "t"], ["m"]), helper.make_node("Neg", ["m"], ["n"]),
+             helper.make_node("Transpose", ["n"], ["y"], perm=[0])]
+    model = build(nodes, [vi("x", [1])], [vi("y", None)], opset=13)
+    out, _, _ = transposes_pushed(model, rel_l2=0.0)
+    assert op_types(out) == ["Relu", "Transpose", "Clip", "Neg"]
+    clip = out.graph.node[2]
+    assert clip.input[0] == "r" and clip.input[1] == out.graph.node[1].output[0]
+
+
+def test_graph_output_exit_takes_the_twin_name_and_a_second_one_goes_through_identity():
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0]),
+             helper.make_node("Neg", ["t"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[1, 0]),
+             helper.make_node("Transpose", ["m"], ["z"], perm=[1, 0])]
+    model = build(nodes, [vi("x", [3, 4])], [vi("y", None), vi("z", None)], opset=13)
+    out, counters, _ = transposes_pushed(model, rel_l2=0.0)
+    assert sorted(op_types(out)) == ["Identity", "Neg", "Relu"] and counters["transposes_removed"] == 3
+    assert [o.name for o in out.graph.output] == ["y", "z"]
+
+
+def test_default_perm_needs_the_rank_and_custom_ops_stop_the_push():
+    nodes = [helper.make_node("Transpose", ["r"], ["t"]), helper.make_node("Relu", ["t"], ["m"]),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[2, 1, 0])]
+    model = unknown_rank_model(nodes, 3)
+    result = onnxopt.optimize(model, passes=["fuse-transposes:explain=true"])
+    assert op_types(result.model).count("Transpose") == 2
+    assert any("rank is unknown" in n for r in result.records for n in r.notes)
+
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0]),
+             helper.make_node("MyOp", ["t"], ["m"], domain="custom"),
+             helper.make_node("Transpose", ["m"], ["y"], perm=[1, 0])]
+    model = make_model(nodes, [vi("x", [2, 3])], [vi("y", [2, 3])], extra_opsets=[("custom", 1)])
+    graph = onnxopt.graph.import_model(model)
+    result = parse_pass_spec("fuse-transposes").run(graph, PassContext())
+    assert not result.changed and len(graph.nodes) == 4
+
+
+def test_pairs_inside_an_if_branch_cancel():
+    then_nodes = [helper.make_node("Transpose", ["r"], ["t"], perm=[1, 0]), helper.make_node("Sigmoid", ["t"], ["s"]),
+                  helper.make_node("Transpose", ["s"], ["then_out"], perm=[1, 0])]
+    then_branch = helper.make_graph(then_nodes, "then", [], [vi("then_out", [2, 3])])
+    else_branch = helper.make_graph([helper.make_node("Neg", ["r"], ["else_out"])], "else", [], [vi("else_out", [2, 3])])
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    model = make_model(nodes, [vi("x", [2, 3]), vi("c", [], TensorProto.BOOL)], [vi("y", [2, 3])])
+    out = run_passes(model, "fuse-transposes")
+    branches = {a.name: a.g for a in out.graph.node[1].attribute}
+    assert [n.op_type for n in branches["then_branch"].node] == ["Sigmoid"]
+    for cond in (True, False):
+        feeds = [{"x": RNG.standard_normal((2, 3)).astype(np.float32), "c": np.array(cond)}]
+        assert_same_outputs(model, out, feeds=feeds, rel_l2=0.0)
+
+
+@pytest.mark.parametrize("name", ["resnet_tiny", "tiny_cnn", "tiny_mlp", "tiny_if", "tiny_constant_weights", "tiny_dynamic",
+                                  "tiny_custom_op"])
+def test_fuse_transposes_never_adds_nodes_to_zoo_models(name):
+    from models.zoo import BUILDERS, NOT_RUNNABLE
+
+    model = BUILDERS[name]()
+    out = onnxopt.optimize(model, passes=["fuse-transposes"]).model
+    assert len(out.graph.node) <= len(model.graph.node)
+    if name not in NOT_RUNNABLE:
+        assert_same_outputs(model, out, rel_l2=0.0)
+
+
+@pytest.mark.realmodel
+@pytest.mark.parametrize("name", ["ppocr5_rec", "mtcnn_p", "mtcnn_r", "silero_vad_seq", "silero_vad_ov"])
+def test_fuse_transposes_on_real_models_never_adds_nodes(name, real_model_path, real_feeds):
+    from onnxopt.presets import preset_passes
+    from tools.realmodels import count_nodes
+
+    model = onnx.load(str(real_model_path(name)))
+    alone = onnxopt.optimize(model, passes=["fuse-transposes"]).model
+    assert count_nodes(alone) <= count_nodes(model)
+    preset = onnxopt.optimize(model, passes=preset_passes("lossless") + [parse_pass_spec("fuse-transposes")]).model
+    assert count_nodes(preset) <= count_nodes(onnxopt.optimize(model, preset="lossless").model)
+    assert_same_outputs(model, preset, feeds=real_feeds(name, 2), rel_l2=1e-5)

@@ -26,6 +26,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
+from .io import copy_without_initializers, tensor_nbytes
+
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
 # gs warns on stdout about things passes handle on purpose; errors still show.
@@ -62,35 +64,10 @@ def _without_big_initializers(model: onnx.ModelProto, min_bytes: int = 1 << 16
     listed = {i.name for i in model.graph.input}
     big = {t.name: t for t in model.graph.initializer
            if t.name not in listed and t.data_location != onnx.TensorProto.EXTERNAL
-           and t.data_type != onnx.TensorProto.STRING and _proto_nbytes(t) >= min_bytes}
-    light = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            copy_proto_field(light, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            copy_proto_field(light.graph, field, value)
+           and t.data_type != onnx.TensorProto.STRING and tensor_nbytes(t) >= min_bytes}
+    light = copy_without_initializers(model)
     light.graph.initializer.extend(t for t in model.graph.initializer if t.name not in big)
     return light, big
-
-
-def _proto_nbytes(t: onnx.TensorProto) -> int:
-    n = 1
-    for d in t.dims:
-        n *= d
-    try:
-        return n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-    except Exception:
-        return 0
-
-
-def copy_proto_field(target, field, value) -> None:
-    if field.is_repeated:
-        getattr(target, field.name).extend(value)
-    elif field.message_type is not None:
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)
 
 
 def _attach_lazy_constants(graph: gs.Graph, big: dict[str, onnx.TensorProto]) -> None:

@@ -16,7 +16,6 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from .errors import UserInputError
-from .graph import copy_proto_field
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Initializers larger than this go to the external data file when saving externally.
@@ -160,13 +159,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, external_data
     return path
 
 
-def _externalized_copy(model: onnx.ModelProto, location: str, data, *, write_payload: bool = True) -> onnx.ModelProto:
-    """A copy of ``model`` whose main-graph initializers over EXTERNAL_DATA_THRESHOLD bytes are
-    references into ``data`` (an open binary file named ``location``), per the ONNX external
-    data spec (location/offset/length). The caller's model is not modified, and no full copy of
-    the weights is made: onnx.save_model(save_as_external_data=True) would rewrite the caller's
-    tensors in place. With ``write_payload=False`` only the file's size is reserved (checker use).
-    """
+def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of everything in ``model`` except the main graph's initializers (cheap: no weights)."""
     light = onnx.ModelProto()
     for field, value in model.ListFields():
         if field.name != "graph":
@@ -174,6 +168,26 @@ def _externalized_copy(model: onnx.ModelProto, location: str, data, *, write_pay
     for field, value in model.graph.ListFields():
         if field.name != "initializer":
             copy_proto_field(light.graph, field, value)
+    return light
+
+
+def copy_proto_field(target, field, value) -> None:
+    if field.is_repeated:  # protobuf >= 5 (FieldDescriptor.label is gone in 7)
+        getattr(target, field.name).extend(value)
+    elif field.message_type is not None:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
+
+
+def _externalized_copy(model: onnx.ModelProto, location: str, data, *, write_payload: bool = True) -> onnx.ModelProto:
+    """A copy of ``model`` whose main-graph initializers over EXTERNAL_DATA_THRESHOLD bytes are
+    references into ``data`` (an open binary file named ``location``), per the ONNX external
+    data spec (location/offset/length). The caller's model is not modified, and no full copy of
+    the weights is made: onnx.save_model(save_as_external_data=True) would rewrite the caller's
+    tensors in place. With ``write_payload=False`` only the file's size is reserved (checker use).
+    """
+    light = copy_without_initializers(model)
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor_nbytes(tensor) <= EXTERNAL_DATA_THRESHOLD \
                 or tensor.data_type == onnx.TensorProto.STRING:

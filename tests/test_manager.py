@@ -168,3 +168,21 @@ def test_lossless_preset_only_uses_lossless_passes():
     for target in ("cpu", "cuda", "tensorrt"):
         ps = preset_passes("lossless", target)
         assert ps and all(p.lossless for p in ps)
+
+
+def test_run_once_passes_leave_the_fixed_point_group():
+    class OnceMarker(Pass):
+        name = "test-once-marker"
+        summary = "counts its runs"
+        lossless = True
+        run_once = True
+
+        def run(self, graph, ctx):
+            return PassResult(False)
+
+    res = PassManager([DropOneRelu(), OnceMarker(), DropOneRelu()]).run(_chain(4))
+    names = [r.name for r in res.records]
+    assert names.count("test-once-marker") == 1
+    # the first group repeats to its fixed point before the run-once pass, the last one after it
+    first = names.index("test-once-marker")
+    assert names[:first] == ["test-drop-one-relu"] * 4 and names[first + 1:] == ["test-drop-one-relu"]

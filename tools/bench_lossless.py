@@ -69,7 +69,10 @@ def _import_tool(tool: str):
         import onnxopt
         import onnxopt.passes  # noqa: F401  (registers the pass library)
 
-        return lambda m: onnxopt.optimize(m, preset="lossless").model
+        # --target tensorrt benchmarks the trt preset (standard ops only, opset >= 13)
+        target = os.environ.get("ONNXOPT_BENCH_TARGET", "cpu")
+        preset = "trt" if target == "tensorrt" else "lossless"
+        return lambda m: onnxopt.optimize(m, preset=preset, target=target).model
     if tool == "onnxsim":
         import onnxsim
 
@@ -396,7 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few runs (10) for a fast, noisier look")
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to one tool on one model")
+    parser.add_argument("--target", default="cpu", choices=("cpu", "cuda", "tensorrt"),
+                        help="onnxopt's target (tensorrt runs the trt preset); latency is still onnxruntime CPU")
     args = parser.parse_args(argv)
+    os.environ["ONNXOPT_BENCH_TARGET"] = args.target  # read by the onnxopt worker processes
     runs = args.runs or (10 if args.quick else 30)
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else \
         list(BUILDER_MODELS) + list(REAL_MODELS)
@@ -426,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                 all_rows.append(Row(name, "(all)", 0, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
             for f in Path(tmp).glob(f"{name}.*"):
                 f.unlink()
-    print(f"onnxopt lossless preset vs peers; onnxruntime CPU, 1 thread, median of {runs} interleaved rounds.")
+    preset = "trt preset (target tensorrt)" if args.target == "tensorrt" else f"lossless preset (target {args.target})"
+    print(f"onnxopt {preset} vs peers; onnxruntime CPU, 1 thread, median of {runs} interleaved rounds.")
     print("nodes: before→after incl. subgraphs, without Constant nodes; peak MB: peak RSS increase during the "
           "call (fresh process per tool); rel L2: worst output vs original on real photos; lat: latency "
           "optimised/original with ORT optimisations all / off; ort-basic: ORT's own basic-level model.")

@@ -800,8 +800,9 @@ def random_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...
             label = f"'{inp.dims[axis]}'" if isinstance(inp.dims[axis], str) else "(unnamed)"
             raise UserInputError(
                 f"model input '{inp.name}' has a dynamic dimension {label} at axis {axis} ({inp.shown()}), so random data needs its size.",
-                f"pass --input-shape {inp.name}:{_fmt([e if e is not None else 'N' for e in inp.expected])} "
-                "with each N replaced by a size, or give --calib data.")
+                f"pass --data-shape {inp.name}:{_fmt([e if e is not None else 'N' for e in inp.expected])} "
+                "with each N replaced by a size (--input-shape also fixes it in the optimized model), "
+                "or give --calib data.")
         shapes[inp.name] = tuple(inp.expected)
     return shapes
 

@@ -36,12 +36,15 @@ class CliContext(PassContext):
     """PassContext whose seeded random data honours --calib-limit (the number of random samples)."""
 
     random_samples: int = DEFAULT_RANDOM_SAMPLES
+    # Sizes of dynamic inputs for data only (--data-shape and --input-shape).
+    data_shapes: dict = dataclasses.field(default_factory=dict)
 
     def calibration_data(self):
         if self.calibration is None:
             from .calibration import random_calibration
 
-            self.calibration = random_calibration(self.template, seed=self.seed, input_shapes=self.input_shapes,
+            shapes = {**self.data_shapes, **self.input_shapes}
+            self.calibration = random_calibration(self.template, seed=self.seed, input_shapes=shapes,
                                                   num_samples=self.random_samples)
         return self.calibration
 
@@ -77,7 +80,11 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calib-limit", metavar="N", type=_positive_int,
                    help=f"use at most N samples (N random samples without --calib; default {DEFAULT_RANDOM_SAMPLES})")
     g.add_argument("--input-shape", metavar="NAME:DIMS", action="append", default=[],
-                   help="fix a dynamic input shape, e.g. input:1x3x224x224 (repeatable)")
+                   help="fix a dynamic input shape, e.g. input:1x3x224x224 (repeatable); optimize writes it "
+                        "into the output model so every shape computation folds")
+    g.add_argument("--data-shape", metavar="NAME:DIMS", action="append", default=[],
+                   help="size of a dynamic input for the generated or loaded data only; the model keeps "
+                        "its dynamic dimensions (repeatable)")
     g.add_argument("--seed", type=int, default=0, help="seed of random data and of randomized passes (default 0)")
 
 
@@ -207,6 +214,13 @@ def _parse_data_args(args) -> tuple[dict, object | None]:
                                  "add --calib FOLDER_OF_IMAGES, or drop --image-preprocess.")
         preprocess = ImagePreprocess.parse(args.image_preprocess)
     return input_shapes, preprocess
+
+
+def _data_shapes(args, input_shapes: dict) -> dict:
+    """Shapes for calibration/random data: --data-shape, overridden by --input-shape."""
+    from .calibration import parse_input_shapes
+
+    return {**parse_input_shapes(args.data_shape or []), **input_shapes}
 
 
 def _check_providers(providers: list[str], require: bool) -> None:
@@ -352,8 +366,9 @@ def cmd_optimize(args) -> int:
 
     # 2. Inputs: the model, then the calibration data (its errors come before any work).
     model = load_model(src)
-    _check_input_shapes(model, input_shapes)
-    calibration = _load_calibration(args, model, input_shapes, preprocess)
+    data_shapes = _data_shapes(args, input_shapes)
+    _check_input_shapes(model, data_shapes)
+    calibration = _load_calibration(args, model, data_shapes, preprocess)
     tables, errors = _consoles(report_to_stdout=args.report == "-")
     show = not args.quiet
     log_lines: list[str] = []
@@ -365,6 +380,7 @@ def cmd_optimize(args) -> int:
 
     with ProgressDisplay(progress_enabled(args.quiet), errors) as display:
         ctx = _make_context(args, model, calibration, tolerance, input_shapes, display, log)
+        ctx.data_shapes = data_shapes
         if want_validation:
             ctx.calibration_data()  # random data for validation, generated before the passes run
         _show_pass_progress(passes, display)
@@ -469,6 +485,7 @@ def cmd_validate(args) -> int:
     _check_providers(providers, args.require_providers)
     reference = load_model(args.reference, what="reference model")
     candidate = load_model(args.candidate, what="candidate model")
+    input_shapes = _data_shapes(args, input_shapes)  # validate never changes a model: both mean data sizes
     _check_input_shapes(reference, input_shapes)
     data = _load_calibration(args, reference, input_shapes, preprocess)
     if data is None:

@@ -231,7 +231,7 @@ def test_random_data_is_seeded_and_respects_dtypes():
 
 def test_random_data_dynamic_dims():
     m = image_model(("N", 3, "H", "W"))
-    with pytest.raises(UserInputError, match="--input-shape x:1x3xNxN"):
+    with pytest.raises(UserInputError, match="--data-shape x:1x3xNxN"):
         random_calibration(m)
     [feed] = random_calibration(m, input_shapes={"x": (2, 3, 8, 8)}, num_samples=1)
     assert feed["x"].shape == (2, 3, 8, 8)

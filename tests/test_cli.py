@@ -381,3 +381,30 @@ def test_names_with_brackets_are_printed_literally(tmp_path, capsys):
     code, stdout, stderr = run_cli(capsys, "validate", path, path, "--runs", "1")
     assert code == 0, stderr
     assert "y[/out]" in stdout
+
+
+# ============================================================================ data shapes
+def _dynamic_model_file(tmp_path):
+    m = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Identity", ["r"], ["y"])],
+                   [vi("x", ["N", 4])], [vi("y", ["N", 4])])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def _input_dims(path):
+    m = onnx.load(path)
+    return [d.dim_value or d.dim_param for d in m.graph.input[0].type.tensor_type.shape.dim]
+
+
+def test_data_shape_sizes_the_data_but_keeps_the_model_dynamic(tmp_path, capsys):
+    src, out = _dynamic_model_file(tmp_path), tmp_path / "out.onnx"
+    code, _, _ = run_cli(capsys, "optimize", str(src), "-o", str(out), "--validate", "--runs", "1",
+                         "--data-shape", "x:3x4", "--quiet")
+    assert code == 0 and _input_dims(out) == ["N", 4]
+
+
+def test_input_shape_fixes_the_output_model(tmp_path, capsys):
+    src, out = _dynamic_model_file(tmp_path), tmp_path / "out.onnx"
+    code, _, _ = run_cli(capsys, "optimize", str(src), "-o", str(out), "--input-shape", "x:2x4", "--quiet")
+    assert code == 0 and _input_dims(out) == [2, 4]

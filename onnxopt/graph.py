@@ -357,22 +357,26 @@ def _constant_node_value(node: gs.Node) -> np.ndarray | None:
 def lift_constant_nodes(graph: gs.Graph) -> int:
     """Turn every Constant node into a gs.Constant initializer, in every subgraph. Returns the count."""
     lifted = 0
-    for g in list(iter_graphs(graph)):
-        for node in list(g.nodes):
-            if node.op != "Constant" or not is_default_domain(node) or len(node.outputs) != 1:
-                continue
-            value = _constant_node_value(node)
+    graphs = list(iter_graphs(graph))
+    outputs = {id(t) for g in graphs for t in g.outputs}  # once: Paddle exports have thousands of Constants
+    for g in graphs:
+        kept = []
+        for node in g.nodes:
+            value = None
+            if node.op == "Constant" and is_default_domain(node) and len(node.outputs) == 1 \
+                    and id(node.outputs[0]) not in outputs:  # a graph output made by a Constant stays a node
+                value = _constant_node_value(node)
             if value is None:
+                kept.append(node)
                 continue
             out = node.outputs[0]
-            if is_graph_output(graph, out):
-                continue  # a graph output produced by a Constant node stays a node
             const = gs.Constant(out.name, np.asarray(value))
             out.name = out.name + "__lifted_constant_node"
-            replace_tensor(g, out, const, keep_output_name=False)
+            replace_uses(out, const)
             node.outputs.clear()
-            g.nodes.remove(node)
             lifted += 1
+        if len(kept) != len(g.nodes):
+            g.nodes = kept
     return lifted
 
 

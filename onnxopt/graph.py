@@ -17,16 +17,16 @@ Conventions
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections import Counter
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper
 
-from .io import copy_without_initializers, tensor_nbytes
+from .io import copy_without_initializers, iter_proto_graphs, tensor_nbytes
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 
@@ -74,21 +74,22 @@ def _attach_lazy_constants(graph: gs.Graph, big: dict[str, onnx.TensorProto]) ->
     """Replace the placeholder Variables gs made for the withheld initializers by lazy Constants."""
     if not big:
         return
+    lazy: dict[str, gs.Constant] = {}  # one Constant per withheld initializer, shared by all readers
+
+    def constant_for(name: str) -> gs.Constant:
+        if name not in lazy:
+            lazy[name] = gs.Constant(name, gs.ir.tensor.LazyValues(big[name]))
+        return lazy[name]
+
     for g in iter_graphs(graph):
         for node in g.nodes:
             for i, t in enumerate(node.inputs):
-                proto = big.get(t.name) if isinstance(t, gs.Variable) and not t.inputs else None
-                if proto is not None:
-                    const = graph.__dict__.setdefault("_onnxopt_lazy", {}).get(t.name)
-                    if const is None:
-                        const = gs.Constant(t.name, gs.ir.tensor.LazyValues(proto))
-                        graph.__dict__["_onnxopt_lazy"][t.name] = const
-                    node.inputs[i] = const
+                if isinstance(t, gs.Variable) and not t.inputs and t.name in big:
+                    node.inputs[i] = constant_for(t.name)
     for g in iter_graphs(graph):
         for i, t in enumerate(g.outputs):
             if isinstance(t, gs.Variable) and t.name in big and not t.inputs:
-                g.outputs[i] = graph.__dict__["_onnxopt_lazy"].get(t.name, t)
-    graph.__dict__.pop("_onnxopt_lazy", None)
+                g.outputs[i] = constant_for(t.name)
 
 
 OVERRIDABLE_ATTR = "onnxopt_overridable_defaults"
@@ -130,15 +131,18 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     domains that the graph no longer uses are kept unless ``eliminate-dead`` dropped
     them from ``graph.import_domains``.
     """
-    # gs copies every initializer twice (make_graph, then make_model); big main-graph weights
-    # are added afterwards with one copy each (VGG-16: 2.2 s → 0.8 s).
-    moved = _swap_out_large_constants(graph)
-    try:
+    # gs copies every initializer twice (make_graph, then make_model); big weights are added
+    # afterwards with one copy each (VGG-16: 2.2 s → 0.8 s), into the main graph: subgraphs
+    # may read outer-scope names, so a constant read in an If/Loop body can live there too.
+    signature = {id(t) for g in iter_graphs(graph) for t in list(g.inputs) + list(g.outputs)}
+
+    def big_weight(t: gs.Constant) -> bool:
+        return (id(t) not in signature and not isinstance(t._values, gs.ir.tensor.SparseValues)
+                and constant_nbytes(t) >= 1 << 16)
+
+    with _constants_swapped(graph, big_weight, typed=False) as swapped:
         model = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        for node, index, const in moved:
-            node.inputs[index] = const
-    _append_initializers(model.graph, [const for _, _, const in moved])
+    _append_initializers(model.graph, [const for const, _ in swapped])
     defaults = graph.__dict__.get(OVERRIDABLE_ATTR, {})
     input_names = {i.name for i in model.graph.input}
     for name, value in defaults.items():
@@ -158,32 +162,35 @@ def export_model(graph: gs.Graph, template: onnx.ModelProto | None = None) -> on
     return model
 
 
-def _swap_out_large_constants(graph: gs.Graph, min_bytes: int = 1 << 16) -> list[tuple[gs.Node, int, gs.Constant]]:
-    """Replace big constants with untyped stand-ins (no value_info) for gs's export.
+@contextlib.contextmanager
+def _constants_swapped(graph: gs.Graph, wanted: Callable[[gs.Constant], bool], *, typed: bool
+                       ) -> Iterator[list[tuple[gs.Constant, gs.Variable]]]:
+    """While inside, nodes read a stand-in Variable (same name) instead of each ``wanted`` constant.
 
-    They are then written once into the main graph's initializers: subgraphs may read
-    outer-scope names, so a constant read in an If/Loop body can live there too.
+    Untyped stand-ins get no value_info on export; typed ones carry dtype and shape (to be
+    declared as graph inputs). Yields the (constant, stand-in) pairs; the graph is restored after.
     """
-    signature = {id(t) for g in iter_graphs(graph) for t in list(g.inputs) + list(g.outputs)}
-    moved = []
-    stand_ins: dict[int, gs.Variable] = {}
+    stand_ins: dict[int, tuple[gs.Constant, gs.Variable]] = {}
+    moved: list[tuple[gs.Node, int, gs.Constant]] = []
     for g in iter_graphs(graph):
         for node in g.nodes:
             for i, t in enumerate(node.inputs):
-                if (isinstance(t, gs.Constant) and id(t) not in signature
-                        and not isinstance(t._values, gs.ir.tensor.SparseValues) and constant_nbytes(t) >= min_bytes):
-                    var = stand_ins.setdefault(id(t), gs.Variable(t.name))
+                if isinstance(t, gs.Constant) and wanted(t):
+                    if id(t) not in stand_ins:
+                        var = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape)) if typed else gs.Variable(t.name)
+                        stand_ins[id(t)] = (t, var)
                     moved.append((node, i, t))
-                    node.inputs[i] = var
-    return moved
+                    node.inputs[i] = stand_ins[id(t)][1]
+    try:
+        yield list(stand_ins.values())
+    finally:
+        for node, i, t in moved:
+            node.inputs[i] = t
 
 
 def _append_initializers(graph_proto: onnx.GraphProto, constants: list[gs.Constant]) -> None:
-    seen: set[int] = set()
+    """Write each (distinct) constant as an initializer with one protobuf copy."""
     for const in constants:
-        if id(const) in seen:
-            continue
-        seen.add(id(const))
         proto = graph_proto.initializer.add()
         values = const._values
         if isinstance(values, gs.ir.tensor.LazyValues):
@@ -430,10 +437,6 @@ class NameAllocator:
         return gs.Constant(self(hint), np.asarray(value, order="C"))  # keeps 0-d scalars 0-d
 
 
-def make_variable(graph: gs.Graph, name_hint: str, dtype=None, shape=None) -> gs.Variable:
-    return gs.Variable(unique_name(graph, name_hint), dtype=dtype, shape=shape)
-
-
 def make_node(graph: gs.Graph, op: str, inputs: list, outputs: list, attrs: dict | None = None,
               name_hint: str | None = None, domain: str | None = None) -> gs.Node:
     """Create a node, give it a unique name and append it to ``graph.nodes`` (toposort fixes order)."""
@@ -498,13 +501,6 @@ def bypass_node(graph: gs.Graph, node: gs.Node, input_index: int = 0, output_ind
     _detach_from_owner(graph, node)
 
 
-def remove_node(graph: gs.Graph, node: gs.Node) -> None:
-    """Detach a node whose outputs nobody reads any more."""
-    node.inputs.clear()
-    node.outputs.clear()
-    _detach_from_owner(graph, node)
-
-
 def owning_graph(graph: gs.Graph, node: gs.Node) -> gs.Graph | None:
     if any(n is node for n in graph.nodes):  # the common case, without walking subgraphs
         return graph
@@ -525,7 +521,7 @@ def _detach_from_owner(graph: gs.Graph, node: gs.Node) -> None:
 
 
 def remove_nodes(graph: gs.Graph, nodes: Iterable[gs.Node]) -> None:
-    """Detach and drop many nodes at once: O(graph) in total, where :func:`remove_node` is O(graph) each."""
+    """Detach and drop many nodes at once: one sweep over the graph, not one per node."""
     doomed = {id(n): n for n in nodes}
     for node in doomed.values():
         node.inputs.clear()
@@ -546,23 +542,6 @@ def static_shape(tensor: gs.Tensor) -> tuple[int, ...] | None:
     return tuple(int(d) for d in shape)
 
 
-def infer_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None) -> gs.Graph:
-    """Run ONNX shape inference and return a re-imported graph (the input graph is unchanged).
-
-    Falls back to the graph as it is when inference fails (custom ops, big models).
-    """
-    from .io import PROTOBUF_LIMIT, tensor_payload_bytes
-
-    model = export_model(graph, template)
-    if tensor_payload_bytes(model) > PROTOBUF_LIMIT:
-        return graph
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:
-        return graph
-    return import_model(inferred)
-
-
 def constant_nbytes(tensor: gs.Constant) -> int:
     """Payload size of a constant from its shape and dtype, without loading lazy values."""
     try:
@@ -579,34 +558,22 @@ def export_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None,
     its weights costs seconds in protobuf copies). Only small integer tensors matter to
     data propagation. The graph is restored before returning.
     """
-    stand_ins: dict[int, gs.Variable] = {}
-    swapped: list[tuple[gs.Node, int, gs.Constant]] = []
-    for g in iter_graphs(graph):
-        for node in g.nodes:
-            for i, t in enumerate(node.inputs):
-                if isinstance(t, gs.Constant) and constant_nbytes(t) > payload_limit:
-                    var = stand_ins.get(id(t))
-                    if var is None:
-                        var = stand_ins[id(t)] = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
-                    swapped.append((node, i, t))
-                    node.inputs[i] = var
-    original_inputs = list(graph.inputs)
-    graph.inputs.extend(stand_ins.values())
-    try:
-        return export_model(graph, template)
-    finally:
-        graph.inputs[:] = original_inputs
-        for node, i, t in swapped:
-            node.inputs[i] = t
+    with _constants_swapped(graph, lambda t: constant_nbytes(t) > payload_limit, typed=True) as swapped:
+        original_inputs = list(graph.inputs)
+        graph.inputs.extend(var for _, var in swapped)
+        try:
+            return export_model(graph, template)
+        finally:
+            graph.inputs[:] = original_inputs
 
 
 def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
                     payload_limit: int = 1024) -> dict[str, list[int | str | None]]:
     """Tensor name → dims (int, dim_param string or None) found by ONNX shape inference.
 
-    Unlike :func:`infer_shapes` the graph is not re-imported and inference runs on a
-    payload-free copy: main-graph initializers over ``payload_limit`` bytes become typed
-    graph inputs (only small integer tensors matter to data propagation), so a 100 MB
+    Inference runs on a payload-free copy (:func:`export_skeleton`): constants over
+    ``payload_limit`` bytes become typed graph inputs (only small integer tensors matter
+    to data propagation), so a 100 MB
     model costs one export instead of serialising every weight into the C++ checker.
     Returns an empty dict when inference fails (custom ops with strict checks, >2 GB).
     """
@@ -618,29 +585,16 @@ def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
     shapes: dict[str, list[int | str | None]] = {}
     ambiguous: set[str] = set()  # one name, different shapes (sibling subgraphs may reuse names)
 
-    def visit(g: onnx.GraphProto) -> None:
+    for g in iter_proto_graphs(inferred.graph):
         for vi in itertools.chain(g.input, g.output, g.value_info):
             tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
             if tt is not None and tt.HasField("shape"):
                 dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
                 if shapes.setdefault(vi.name, dims) != dims:
                     ambiguous.add(vi.name)
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        visit(sg)
-
-    visit(inferred.graph)
     for name in ambiguous:
         del shapes[name]
     return shapes
-
-
-def op_histogram(graph: gs.Graph) -> Counter:
-    return Counter((n.domain + "::" if n.domain not in DEFAULT_DOMAINS else "") + n.op for g in iter_graphs(graph) for n in g.nodes)
 
 
 def node_count(graph: gs.Graph, recurse: bool = True) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -45,26 +46,29 @@ def tensor_nbytes(t: onnx.TensorProto) -> int:
     return (n * bits + 7) // 8
 
 
+def iter_proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A GraphProto and, recursively, every subgraph in its nodes' GRAPH/GRAPHS attributes."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from iter_proto_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sub in a.graphs:
+                    yield from iter_proto_graphs(sub)
+
+
 def tensor_payload_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every initializer and Constant attribute, subgraphs included."""
-    total = 0
+    return sum(tensor_nbytes(t) for g in iter_proto_graphs(model.graph) for t in _graph_tensors(g))
 
-    def visit(g: onnx.GraphProto):
-        nonlocal total
-        for t in g.initializer:
-            total += tensor_nbytes(t)
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.TENSOR:
-                    total += tensor_nbytes(a.t)
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        visit(sg)
 
-    visit(model.graph)
-    return total
+def _graph_tensors(g: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from g.initializer
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR:
+                yield a.t
 
 
 def _check_readable_file(path: Path, what: str) -> None:
@@ -227,20 +231,8 @@ def file_size(path: str | os.PathLike) -> int:
         m = onnx.load(str(path), load_external_data=False)
     except Exception:
         return total
-    seen = set()
-
-    def visit(g):
-        for t in g.initializer:
-            if t.data_location == onnx.TensorProto.EXTERNAL:
-                for kv in t.external_data:
-                    if kv.key == "location" and kv.value not in seen:
-                        seen.add(kv.value)
-        for n in g.node:
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    visit(a.g)
-
-    visit(m.graph)
+    seen = {kv.value for g in iter_proto_graphs(m.graph) for t in g.initializer
+            if t.data_location == onnx.TensorProto.EXTERNAL for kv in t.external_data if kv.key == "location"}
     for loc in seen:
         p = path.parent / loc
         if p.exists():

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from .graph import DEFAULT_DOMAINS
-from .io import tensor_nbytes
+from .io import iter_proto_graphs, tensor_nbytes
 
 # Tensors larger than this lose their data in the copy used for shape inference.
 # Shape-like constants that data propagation reads (Reshape targets, Slice starts) are far smaller.
@@ -116,17 +116,6 @@ def _dims_of(type_proto: onnx.TypeProto) -> Dims:
             for d in type_proto.tensor_type.shape.dim]
 
 
-def _iter_graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield g
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _iter_graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for sg in a.graphs:
-                    yield from _iter_graphs(sg)
-
-
 def _shape_table(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None
                  ) -> tuple[dict[str, Dims], list[str]]:
     """Every known tensor shape (all graphs), and notes on what limited inference."""
@@ -138,7 +127,7 @@ def _shape_table(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         notes.append(f"shape inference failed ({first[:160]}); only declared shapes were used")
     shapes: dict[str, Dims] = {}
-    for g in _iter_graphs(inferred.graph):
+    for g in iter_proto_graphs(inferred.graph):
         for t in g.initializer:
             shapes.setdefault(t.name, list(t.dims))
         for node in g.node:
@@ -414,7 +403,7 @@ def model_stats(model: onnx.ModelProto, path: str | os.PathLike | None = None,
     params = 0
     param_bytes = 0
     graphs = 0
-    for g in _iter_graphs(model.graph):
+    for g in iter_proto_graphs(model.graph):
         graphs += 1
         for t in g.initializer:
             params += _numel(t.dims)[0]

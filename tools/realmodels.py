@@ -323,21 +323,10 @@ def count_nodes(model, *, constants: bool = False) -> int:
     Constant nodes are left out unless ``constants``: tools differ only in whether they
     keep a constant as a node or an initializer, which is not an optimisation.
     """
-    import onnx
+    from onnxopt.io import iter_proto_graphs
 
-    def visit(graph) -> int:
-        total = 0
-        for node in graph.node:
-            if constants or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-                total += 1
-            for a in node.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    total += visit(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    total += sum(visit(g) for g in a.graphs)
-        return total
-
-    return visit(model.graph)
+    return sum(1 for g in iter_proto_graphs(model.graph) for node in g.node
+               if constants or node.op_type != "Constant" or node.domain not in ("", "ai.onnx"))
 
 
 def main(argv: list[str] | None = None) -> int:

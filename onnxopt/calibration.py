@@ -510,20 +510,23 @@ def _feeds_from_arrays(inputs: list[_Input], arrays: dict[str, np.ndarray], wher
             yield feed
 
     # Describe by the first batched input.
-    note = ""
     if per_feed:
         name = next(iter(per_feed))
-        n, b = samples_seen[name], batches[name]
-        note = f"{n} samples"
-        if b != 1:
-            note += f" in {total} feed{'s' if total != 1 else ''} of {b}"
-        if n % b:
-            note += f" ({n % b} left over, unused)"
-    else:
-        note = "1 feed"
+        n = samples_seen[name]
+        return make, count, _feeds_note(f"{n} samples", n, batches[name], total, count)
+    return make, count, _feeds_note("1 feed", 1, 1, total, count)
+
+
+def _feeds_note(head: str, samples: int, batch: int, total: int, count: int) -> str:
+    """``head`` plus how the samples were batched into feeds and how many feeds are used."""
+    note = head
+    if batch != 1:
+        note += f" in {total} feed{'s' if total != 1 else ''} of {batch}"
+    if samples % batch:
+        note += f" ({samples % batch} left over, unused)"
     if count < total:
         note += f", first {count} feeds used"
-    return make, count, note
+    return note
 
 
 def _check_names(inputs: list[_Input], arrays: dict, where: str) -> None:
@@ -603,14 +606,8 @@ def _npy_folder(inputs: list[_Input], files: list[Path], where: str, limit: int 
                 parts.append(np.asarray(arr if k is None else arr[k]))
             yield {inp.name: _cast(inp, np.stack(parts), where)}
 
-    note = f"{len(samples)} samples from {len(files)} .npy files"
-    if b != 1:
-        note += f" in {total} feed{'s' if total != 1 else ''} of {b}"
-    if len(samples) % b:
-        note += f" ({len(samples) % b} left over, unused)"
-    if count < total:
-        note += f", first {count} feeds used"
-    return make, count, note
+    return make, count, _feeds_note(f"{len(samples)} samples from {len(files)} .npy files", len(samples), b,
+                                    total, count)
 
 
 def _npz_folder(inputs: list[_Input], files: list[Path], limit: int | None) -> tuple[Callable[[], Iterator[Feed]], int, str]:
@@ -703,14 +700,8 @@ def _image_folder(inputs: list[_Input], files: list[Path], pp: ImagePreprocess, 
             batch = np.stack([pp.load(f, size) for f in files[i * b:(i + 1) * b]])
             yield {inp.name: _contiguous(to_dtype(batch))}
 
-    note = f"{len(files)} images ({pp.describe().replace('size=model', f'size={size[0]}x{size[1]}')})"
-    if b != 1:
-        note += f" in {total} feed{'s' if total != 1 else ''} of {b}"
-    if len(files) % b:
-        note += f" ({len(files) % b} left over, unused)"
-    if count < total:
-        note += f", first {count} feeds used"
-    return make, count, note
+    head = f"{len(files)} images ({pp.describe().replace('size=model', f'size={size[0]}x{size[1]}')})"
+    return make, count, _feeds_note(head, len(files), b, total, count)
 
 
 # --------------------------------------------------------------------------- entry points

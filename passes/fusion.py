@@ -79,6 +79,12 @@ class FusionRun:
         dims = self._inferred_shapes.get(tensor.name)
         return None if dims is None else len(dims)
 
+    def detach(self, node: gs.Node) -> None:
+        """Disconnect ``node`` now; it leaves its graph's node list at the end of the run."""
+        node.inputs.clear()
+        node.outputs.clear()
+        self.removed.append(node)
+
     def flush_removed(self) -> None:
         G.remove_nodes(self.root, self.removed)
         self.removed.clear()
@@ -182,9 +188,7 @@ def apply_rules(graph: gs.Graph, rules: tuple[FusionRule, ...], *, explain: bool
 def absorb_output(site: FusionSite, producer: gs.Node, anchor: gs.Node) -> None:
     """Remove ``anchor`` and let ``producer`` write the anchor's output (its name survives)."""
     out = anchor.outputs[0]
-    anchor.inputs.clear()
-    anchor.outputs.clear()  # frees ``out`` for its new producer; the node leaves the graph at the end of the run
-    site.run.removed.append(anchor)
+    site.run.detach(anchor)  # frees ``out`` for its new producer
     producer.outputs[0] = out
 
 
@@ -614,9 +618,7 @@ class BatchNormIntoConsumer(FusionRule):
             reader.attrs["beta"] = 1.0  # the old beta is inside the new C
         _set_input(reader, 2, bias)
         reader.inputs[0] = bn.inputs[0]
-        bn.inputs.clear()
-        bn.outputs.clear()
-        site.run.removed.append(bn)
+        site.run.detach(bn)
         return 1
 
 
@@ -969,9 +971,7 @@ class PadIntoReader(FusionRule):
         reader.attrs["pads"] = match.pads
         reader.attrs.pop("auto_pad", None)  # NOTSET (default) or VALID: explicit pads now
         reader.inputs[0] = pad.inputs[0]
-        pad.inputs.clear()
-        pad.outputs.clear()
-        site.run.removed.append(pad)
+        site.run.detach(pad)
         return 1
 
 

@@ -708,7 +708,7 @@ def rewrite_group(site: FusionSite, group: MergeGroup) -> int:
         run_ids = [id(b.output) for b in unit.branches]
         if len(concat.inputs) == len(run_ids):  # the run is the whole Concat: the merge replaces it
             out = concat.outputs[0]
-            _detach(site, concat)
+            site.run.detach(concat)
             removed += 1
             segments.append(out)
             continue
@@ -724,7 +724,7 @@ def rewrite_group(site: FusionSite, group: MergeGroup) -> int:
     activation_extras = list(activation[0].inputs[1:]) if activation else []  # read before detaching
     for b in branches:
         for n in [b.node] + b.tail.nodes:
-            _detach(site, n)
+            site.run.detach(n)
             removed += 1
     merged = kind.merge(site, group.x, branches, base)
     added = 1 + (kind.op == "MatMul" and any(b.tail.bias is not None for b in branches))
@@ -763,13 +763,6 @@ def _apply_activation(site: FusionSite, activation: list[gs.Node], extra_inputs:
     gated = gs.Variable(names(f"{base}_gated"), dtype=y.dtype)
     site.graph.nodes.append(gs.Node("Mul", name=names(f"{base}_Mul"), inputs=[y, out], outputs=[gated]))
     return gated
-
-
-def _detach(site: FusionSite, node: gs.Node) -> None:
-    """Disconnect ``node``; it leaves the node list at the end of the run."""
-    node.inputs.clear()
-    node.outputs.clear()
-    site.run.removed.append(node)
 
 
 # =========================================================================== small helpers

@@ -347,41 +347,10 @@ class UnsqueezeAfter(LayoutRule):
         if first is None:
             return None
         if first.op == "Squeeze":
-            return self._squeeze_unsqueeze(site, first, second)
+            return _cancelling_pair(site, first, second, _squeeze_axes, _unsqueeze_axes, "squeeze_unsqueeze_cancelled")
         if first.op == "Unsqueeze":
-            return self._unsqueeze_unsqueeze(site, first, second)
+            return _merged_pair(site, first, second, _unsqueeze_axes, "unsqueezes_fused")
         return ReduceKeepdims.match_pair(site, first, second)
-
-    @staticmethod
-    def _squeeze_unsqueeze(site: FusionSite, first: gs.Node, second: gs.Node):
-        x = first.inputs[0]
-        if _same_axes(first, second):
-            return Passthrough(first, second, x, "squeeze_unsqueeze_cancelled")
-        squeezed, problem = _squeeze_axes(site, first)
-        if problem:
-            return NoMatch(second, problem)
-        unsqueezed, problem = _unsqueeze_axes(site, second)
-        if problem:
-            return NoMatch(second, problem)
-        if sorted(squeezed) != sorted(unsqueezed):
-            return NoMatch(second, f"squeezes axes {sorted(squeezed)} but unsqueezes {sorted(unsqueezed)}")
-        return Passthrough(first, second, x, "squeeze_unsqueeze_cancelled")
-
-    @staticmethod
-    def _unsqueeze_unsqueeze(site: FusionSite, first: gs.Node, second: gs.Node):
-        problem = LayoutRule.merge_problem(site, first, second)
-        if problem:
-            return problem
-        inner, reason = _unsqueeze_axes(site, first)
-        outer, reason2 = _unsqueeze_axes(site, second) if not reason else (None, None)
-        if reason or reason2:
-            return NoMatch(second, reason or reason2)
-        # Output positions not in ``outer`` hold the intermediate's dims in order.
-        taken = set(outer)
-        combined = sorted(taken | {_nth_position_not_in(taken, i) for i in inner})
-        inputs, attrs = _with_axes(site, "Unsqueeze", first.inputs[0], second.attrs, combined,
-                                   f"{second.name or 'Unsqueeze'}_axes")
-        return Replace(first, second, "Unsqueeze", inputs, attrs, "unsqueezes_fused")
 
 
 class SqueezeAfter(LayoutRule):
@@ -395,39 +364,44 @@ class SqueezeAfter(LayoutRule):
         if first is None:
             return None
         if first.op == "Unsqueeze":
-            return self._unsqueeze_squeeze(site, first, second)
-        return self._squeeze_squeeze(site, first, second)
+            return _cancelling_pair(site, first, second, _unsqueeze_axes, _squeeze_axes, "unsqueeze_squeeze_cancelled")
+        return _merged_pair(site, first, second, _squeeze_axes, "squeezes_fused")
 
-    @staticmethod
-    def _unsqueeze_squeeze(site: FusionSite, first: gs.Node, second: gs.Node):
-        x = first.inputs[0]
-        if _same_axes(first, second):
-            return Passthrough(first, second, x, "unsqueeze_squeeze_cancelled")
-        inserted, problem = _unsqueeze_axes(site, first)
-        if problem:
-            return NoMatch(second, problem)
-        removed, problem = _squeeze_axes(site, second)
-        if problem:
-            return NoMatch(second, problem)
-        if sorted(inserted) != sorted(removed):
-            return NoMatch(second, f"unsqueezes axes {sorted(inserted)} but squeezes {sorted(removed)}")
-        return Passthrough(first, second, x, "unsqueeze_squeeze_cancelled")
 
-    @staticmethod
-    def _squeeze_squeeze(site: FusionSite, first: gs.Node, second: gs.Node):
-        problem = LayoutRule.merge_problem(site, first, second)
-        if problem:
-            return problem
-        inner, reason = _squeeze_axes(site, first)
-        outer, reason2 = _squeeze_axes(site, second) if not reason else (None, None)
-        if reason or reason2:
-            return NoMatch(second, reason or reason2)
-        # Intermediate position j is the j-th input position that the first Squeeze kept.
-        taken = set(inner)
-        combined = sorted(taken | {_nth_position_not_in(taken, j) for j in outer})
-        inputs, attrs = _with_axes(site, "Squeeze", first.inputs[0], second.attrs, combined,
-                                   f"{second.name or 'Squeeze'}_axes")
-        return Replace(first, second, "Squeeze", inputs, attrs, "squeezes_fused")
+def _cancelling_pair(site: FusionSite, first: gs.Node, second: gs.Node, first_axes, second_axes, counter: str):
+    """Squeeze(A) → Unsqueeze(A) or Unsqueeze(A) → Squeeze(A): the pair is the identity."""
+    x = first.inputs[0]
+    if _same_axes(first, second):
+        return Passthrough(first, second, x, counter)
+    a, problem = first_axes(site, first)
+    if problem:
+        return NoMatch(second, problem)
+    b, problem = second_axes(site, second)
+    if problem:
+        return NoMatch(second, problem)
+    if sorted(a) != sorted(b):
+        return NoMatch(second, f"{first.op.lower()}s axes {sorted(a)} but {second.op.lower()}s {sorted(b)}")
+    return Passthrough(first, second, x, counter)
+
+
+def _merged_pair(site: FusionSite, first: gs.Node, second: gs.Node, axes_of, counter: str):
+    """Squeeze∘Squeeze or Unsqueeze∘Unsqueeze → one node with the combined axes."""
+    problem = LayoutRule.merge_problem(site, first, second)
+    if problem:
+        return problem
+    inner, reason = axes_of(site, first)
+    outer, reason2 = axes_of(site, second) if not reason else (None, None)
+    if reason or reason2:
+        return NoMatch(second, reason or reason2)
+    # Unsqueeze axes count in the output, Squeeze axes in the input: the node whose axes are
+    # already in the combined node's coordinates keeps them; the other's positions skip past them
+    # (intermediate position j is the j-th position not taken).
+    kept, mapped = (outer, inner) if second.op == "Unsqueeze" else (inner, outer)
+    taken = set(kept)
+    combined = sorted(taken | {_nth_position_not_in(taken, i) for i in mapped})
+    inputs, attrs = _with_axes(site, second.op, first.inputs[0], second.attrs, combined,
+                               f"{second.name or second.op}_axes")
+    return Replace(first, second, second.op, inputs, attrs, counter)
 
 
 # =========================================================================== Reduce → Unsqueeze
@@ -585,11 +559,11 @@ def _apply(site: FusionSite, match: Passthrough | Replace) -> int | None:
             run.output_ids.add(id(match.source))
         else:
             G.replace_uses(out, match.source)
-        _drop(run, match.second)
+        run.detach(match.second)
         removed = 1
         intermediate = match.first.outputs[0]
         if not intermediate.outputs and id(intermediate) not in run.output_ids:
-            _drop(run, match.first)
+            run.detach(match.first)
             removed += 1
         return removed
     second = match.second
@@ -597,14 +571,8 @@ def _apply(site: FusionSite, match: Passthrough | Replace) -> int | None:
     second.attrs = dict(match.attrs)
     second.inputs.clear()
     second.inputs.extend(match.inputs)
-    _drop(run, match.first)  # its output fed only ``second`` (checked by the match)
+    run.detach(match.first)  # its output fed only ``second`` (checked by the match)
     return 1
-
-
-def _drop(run: FusionRun, node: gs.Node) -> None:
-    node.inputs.clear()
-    node.outputs.clear()
-    run.removed.append(node)
 
 
 @register_pass
@@ -1263,12 +1231,12 @@ def _rewrite_region(site: FusionSite, region: TransposeRegion) -> None:
                 run.output_ids.add(id(source))
             else:
                 G.replace_uses(out, source)
-            _drop(run, exit_node)
+            run.detach(exit_node)
 
     boundary_ids = {id(t) for t in region.boundaries}
     for entry in region.entries.values():
         if id(entry.outputs[0]) not in boundary_ids:
-            _drop(run, entry)
+            run.detach(entry)
 
     # Keep the node list topologically sorted (the lazy shape inference of this run exports it).
     if before or after:

@@ -569,7 +569,18 @@ def export_skeleton(graph: gs.Graph, template: onnx.ModelProto | None = None,
 
 def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
                     payload_limit: int = 1024) -> dict[str, list[int | str | None]]:
-    """Tensor name → dims (int, dim_param string or None) found by ONNX shape inference.
+    """Tensor name → dims (int, dim_param string or None) found by ONNX shape inference
+    (tensors of known rank only; see :func:`inferred_types`)."""
+    return {name: dims for name, (_, dims) in inferred_types(graph, template, payload_limit).items()
+            if dims is not None}
+
+
+def inferred_types(graph: gs.Graph, template: onnx.ModelProto | None = None, payload_limit: int = 1024,
+                   input_shapes: dict[str, tuple[int, ...]] | None = None
+                   ) -> dict[str, tuple[int, list[int | str | None] | None]]:
+    """Tensor name → (ONNX elem type, 0 if unknown; dims, None if the rank is unknown) found
+    by ONNX shape inference, with the graph inputs named in ``input_shapes`` fixed to those
+    shapes (so a dynamic batch becomes a number in every tensor it flows into).
 
     Inference runs on a payload-free copy (:func:`export_skeleton`): constants over
     ``payload_limit`` bytes become typed graph inputs (only small integer tensors matter
@@ -578,23 +589,30 @@ def inferred_shapes(graph: gs.Graph, template: onnx.ModelProto | None = None,
     Returns an empty dict when inference fails (custom ops with strict checks, >2 GB).
     """
     model = export_skeleton(graph, template, payload_limit)
+    for vi in model.graph.input:
+        if input_shapes and vi.name in input_shapes and vi.type.HasField("tensor_type"):
+            shape = vi.type.tensor_type.shape
+            shape.Clear()
+            for size in input_shapes[vi.name]:
+                shape.dim.add().dim_value = int(size)
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:
         return {}
-    shapes: dict[str, list[int | str | None]] = {}
-    ambiguous: set[str] = set()  # one name, different shapes (sibling subgraphs may reuse names)
+    types: dict[str, tuple[int, list[int | str | None] | None]] = {}
+    ambiguous: set[str] = set()  # one name, different types (sibling subgraphs may reuse names)
 
     for g in iter_proto_graphs(inferred.graph):
         for vi in itertools.chain(g.input, g.output, g.value_info):
             tt = vi.type.tensor_type if vi.type.HasField("tensor_type") else None
-            if tt is not None and tt.HasField("shape"):
-                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-                if shapes.setdefault(vi.name, dims) != dims:
+            if tt is not None and (tt.elem_type or tt.HasField("shape")):
+                dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim] \
+                    if tt.HasField("shape") else None
+                if types.setdefault(vi.name, (tt.elem_type, dims)) != (tt.elem_type, dims):
                     ambiguous.add(vi.name)
     for name in ambiguous:
-        del shapes[name]
-    return shapes
+        del types[name]
+    return types
 
 
 def node_count(graph: gs.Graph, recurse: bool = True) -> int:

@@ -49,6 +49,10 @@ PRESETS: dict[str, list[str]] = {
     # What a TensorRT user should hand to the builder: opset >= 13, standard ops only (no
     # com.microsoft contrib ops: the target filter drops them), constants folded up to 16 MiB
     # per result, and every intermediate shape declared.
+    # int8 for the target's runtime: the lossless fusions first (BatchNorm folded into the convs
+    # is what gets quantized), but not fuse-conv-activation: onnxruntime's QDQ fusion
+    # (DQ→Conv→Q into QLinearConv) does not match a com.microsoft FusedConv.
+    "int8": [n for n in _LOSSLESS if n != "fuse-conv-activation"] + ["qdq-int8"],
     "trt": ["upgrade-opset:min_opset=13"]
     + [("fold-constants:size_threshold=16777216" if n == "fold-constants" else n) for n in _LOSSLESS]
     + ["infer-shapes"],

@@ -127,24 +127,37 @@ def run_model(model, feeds, provider: str = "cpu", optimization: str = "all") ->
 def measure_latency(sessions: list, feed: dict[str, np.ndarray], *, warmup: int = 3, runs: int = 20) -> list[float]:
     """Median wall time in milliseconds of each session on ``feed``.
 
-    The sessions run interleaved (A, B, A, B, ...) inside one loop so that clock
+    The sessions run interleaved (see :func:`interleaved_run_times`) so that clock
     boosts, thermal throttling and other load affect all of them alike.
     """
     import statistics
-    import time
 
     feeds = []
     for sess in sessions:
         names = {i.name for i in sess.get_inputs()}
         feeds.append({k: v for k, v in feed.items() if k in names})
+    times = interleaved_run_times(sessions, feeds, warmup=warmup, runs=runs)
+    return [statistics.median(t) * 1000.0 for t in times]
+
+
+def interleaved_run_times(sessions: list, feeds: list[dict[str, np.ndarray]], *, warmup: int = 3,
+                          runs: int = 20) -> list[list[float]]:
+    """Wall time in seconds of each run of each session (``times[session][round]``).
+
+    Every round runs each session once on its own feed (A, B, C, then B, C, A, ...): the
+    start rotates so no session always runs first, and drift hits all sessions alike.
+    """
+    import time
+
     outputs = [[o.name for o in s.get_outputs()] for s in sessions]
+    count = len(sessions)
     for _ in range(max(0, warmup)):
         for sess, f, out in zip(sessions, feeds, outputs):
             sess.run(out, f)
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(max(1, runs)):
-        for k, (sess, f, out) in enumerate(zip(sessions, feeds, outputs)):
+    for r in range(max(1, runs)):
+        for k in [(r + j) % count for j in range(count)]:
             start = time.perf_counter()
-            sess.run(out, f)
-            times[k].append((time.perf_counter() - start) * 1000.0)
-    return [statistics.median(t) for t in times]
+            sessions[k].run(outputs[k], feeds[k])
+            times[k].append(time.perf_counter() - start)
+    return times

@@ -415,20 +415,22 @@ class LatencyProbe:
             self._latency[key] = statistics.median(times)
         return self._latency[key]
 
-    def compare(self, baseline: onnx.ModelProto, candidates: list[onnx.ModelProto]) -> list[float]:
+    def compare(self, baseline: onnx.ModelProto, candidates: list[onnx.ModelProto],
+                feeds: dict[str, np.ndarray] | None = None) -> list[float]:
         """Speed ratio ``time(baseline) / time(candidate)`` for each candidate (> 1: candidate faster).
 
-        Baseline and candidates run interleaved, round-robin, on the same random data for
-        inputs of the same name; each ratio is the median over rounds of the per-round
+        Baseline and candidates run interleaved, round-robin, on ``feeds`` (one feed for all:
+        real data for dynamic shapes and data-dependent branches) or on the same random data
+        for inputs of the same name; each ratio is the median over rounds of the per-round
         ratio, so machine drift hits both sides of every ratio alike.
         """
-        base_key = self._key(baseline, None)
-        keys = [self._key(c, None) for c in candidates]
+        base_key = self._key(baseline, feeds)
+        keys = [self._key(c, feeds) for c in candidates]
         todo = [i for i, k in enumerate(keys) if (base_key, k) not in self._ratio]
         unique = list(dict.fromkeys(keys[i] for i in todo))  # equal candidates are timed once
         if unique:
             models = [baseline] + [candidates[keys.index(k)] for k in unique]
-            times = self._measure(models, [None] * len(models))
+            times = self._measure(models, [feeds] * len(models))
             self._latency.setdefault(base_key, statistics.median(times[0]))
             for k, t in zip(unique, times[1:]):
                 self._latency.setdefault(k, statistics.median(t))

@@ -212,7 +212,7 @@ def _best_clip_ratio(magnitude: np.ndarray, amax: np.ndarray, qmax: int) -> np.n
 
 def _clip_errors(magnitude: np.ndarray, threshold: np.ndarray, qmax: int, chunk: int = 1 << 18) -> np.ndarray:
     """Per row: squared error of quantizing |w| with step threshold/qmax, saturating at qmax."""
-    step = np.where(threshold > 0, threshold / qmax, 1.0).astype(np.float32)[:, None]
+    step = np.where(threshold > 1e-30, threshold / qmax, 1.0).astype(np.float32)[:, None]  # no 1/denormal
     inverse = (1.0 / step).astype(np.float32)
     out = np.empty(magnitude.shape[0], np.float64)
     rows_per_chunk = max(1, chunk // max(1, magnitude.shape[1]))  # stay in cache

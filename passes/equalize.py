@@ -14,8 +14,11 @@ constant float weights, where the intermediate tensors flow only along that path
 * ``absorb-bias`` (lossy, §4.2 with data): where layer1's pre-activation output is ``>= c_i > 0``
   on the calibration data, ``relu(x - c) = relu(x) - c`` there, so ``c`` leaves layer1's bias
   and ``W2 · c`` joins layer2's bias. The activation range shrinks by ``c`` before it is quantized.
-  Exact where the Relu stays active; layer2's zero padding now pads ``relu(x) - c`` with 0, so
-  its border outputs move.
+  Exact where the Relu stays active, so by default layer2 must not zero-pad (1x1 convs, Gemm,
+  MatMul): a padded layer2 now pads ``relu(x) - c`` with 0, its border outputs move, and the
+  error spreads inward through every later layer (option ``padded=true`` accepts that). Channels
+  whose statistics rest on few values (``min_values``) are left alone: a 3σ margin estimated from
+  a handful of samples is crossed by fresh data far too often.
 
 Channel layouts (ONNX operator spec):
 
@@ -40,8 +43,8 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt.errors import UserInputError
 from onnxopt.pass_base import Pass, PassResult
-from onnxopt.registry import register_pass
 from onnxopt.passes.fusion import FLOAT_DTYPES, FusionRun, NoMatch
+from onnxopt.registry import register_pass
 
 LAYER_OPS = ("Conv", "Gemm", "MatMul")
 # Element-wise f with f(s·x) = s·f(x) for every s > 0 (Nagel et al. 2019, eq. 5): a positive
@@ -494,11 +497,15 @@ def absorbable_shift(mean: np.ndarray, std: np.ndarray, minimum: np.ndarray, sig
 class AbsorbOptions:
     # c_i = mean_i - sigmas * std_i of layer1's pre-activation output, capped at its observed minimum.
     sigmas: float = 3.0
+    # Skip a pair whose statistics rest on fewer values per channel (batch x spatial positions x
+    # feeds): a mean and std from a handful of samples put c where fresh data often falls below it.
+    min_values: int = 64
     # Collect statistics on at most this many calibration feeds (0: all of them).
     max_feeds: int = 0
-    # Also absorb into a layer2 Conv that zero-pads its input: exact away from the borders only,
-    # since the padding now stands for relu(x) - c instead of relu(x).
-    padded: bool = True
+    # Also absorb into a layer2 Conv that zero-pads its input. Exact away from the borders only
+    # (the padding now stands for relu(x) - c instead of relu(x)), and the border error spreads
+    # inward through every later layer: off by default.
+    padded: bool = False
     # At most this many notes on pairs that were skipped.
     max_notes: int = 20
 
@@ -510,10 +517,24 @@ def _padding_problem(layer: LinearLayer) -> str | None:
     auto_pad = G.attr(layer.node, "auto_pad", "NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
     if auto_pad not in ("NOTSET", "VALID"):
-        return f"{layer.name} pads its input (auto_pad={auto_pad}) and padded=false"
+        return f"{layer.name} pads its input (auto_pad={auto_pad}); absorb into padded convs with padded=true"
     pads = [int(p) for p in G.attr(layer.node, "pads", ())]
     if any(pads):
-        return f"{layer.name} pads its input (pads {pads}) and padded=false"
+        return f"{layer.name} pads its input (pads {pads}); absorb into padded convs with padded=true"
+    return None
+
+
+def _bias_problem(run: FusionRun, layer: LinearLayer) -> str | None:
+    """Why ``layer`` cannot take a per-channel bias (a MatMul becomes a Gemm for it)."""
+    if layer.op == "Conv":
+        return None
+    if run.root.opset is not None and run.root.opset < 7:
+        return f"{layer.name}: Gemm before opset 7 broadcasts C only with its legacy broadcast attribute"
+    if layer.op == "MatMul":
+        rank = run.rank(layer.node.inputs[0])
+        if rank != 2:
+            why = "unknown" if rank is None else f"{rank}-D"
+            return f"{layer.name}: input rank is {why}; a bias needs Gemm, which takes 2-D input"
     return None
 
 
@@ -526,81 +547,83 @@ class AbsorbBias(Pass):
     Options = AbsorbOptions
 
     def run(self, graph: gs.Graph, ctx) -> PassResult:
-        opts = self.options
-        if not float(opts.sigmas) >= 0:
-            raise UserInputError(f"absorb-bias: sigmas={opts.sigmas} is negative.", "use e.g. sigmas=3.")
-        if int(opts.max_feeds) < 0:
-            raise UserInputError(f"absorb-bias: max_feeds={opts.max_feeds} is negative.", "use 0 (all feeds) or more.")
+        opts = self._checked_options()
         run = FusionRun(graph)
         finder = PairFinder(run, ("Relu",), direct=False,
                             reason_without="bias absorption needs a Relu between (relu(x - c) = relu(x) - c for x >= c)")
-        # Statistics come from running the main graph; subgraph tensors cannot be captured.
-        candidates = finder.find([graph])
         pairs = []
-        for pair in candidates:
-            problem = (self._bias_problem(run, pair.first) or self._bias_problem(run, pair.second)
+        # Statistics come from running the main graph; subgraph tensors cannot be captured.
+        for pair in finder.find([graph]):
+            problem = (_bias_problem(run, pair.first) or _bias_problem(run, pair.second)
                        or (None if opts.padded else _padding_problem(pair.second)))
             if problem:
                 finder.rejected.append(NoMatch(pair.first.node, problem))
             else:
                 pairs.append(pair)
         counters: Counter = Counter()
-        absorbed = 0
+        notes: list[str] = []
+        absorbed: list[LayerPair] = []
         if pairs:
-            stats = self._statistics(graph, ctx, [p.intermediate.name for p in pairs])
+            calibration = ctx.calibration_data()
+            if calibration.is_random:
+                notes.append(f"statistics come from {calibration.source}; real calibration data (--calib) "
+                             "decides what is always positive")
+            stats = self._statistics(graph, ctx, calibration, [p.intermediate.name for p in pairs])
             for pair in pairs:
-                found = stats.get(pair.intermediate.name)
-                if found is None:
-                    finder.rejected.append(NoMatch(pair.first.node, f"no statistics for '{pair.intermediate.name}'"))
-                    continue
-                mean, std, minimum = found
-                shift = absorbable_shift(mean, std, minimum, float(opts.sigmas))
-                if shift.shape != (pair.first.out_channels,):
-                    finder.rejected.append(NoMatch(pair.first.node, f"statistics of '{pair.intermediate.name}' have "
-                                                                    f"{shift.size} channels, expected {pair.first.out_channels}"))
+                shift = self._shift(pair, stats.get(pair.intermediate.name), finder.rejected)
+                if shift is None:
                     continue
                 if not np.any(shift > 0):
                     counters["pairs_without_positive_channels"] += 1
                     continue
                 pair.first.shift_outputs(-shift)
                 pair.second.shift_outputs(pair.second.input_response(shift))
-                counters["pairs_absorbed"] += 1
                 counters["channels_absorbed"] += int(np.count_nonzero(shift))
-                absorbed += 1
-        notes = []
+                absorbed.append(pair)
         if absorbed:
-            layers = [layer for layer in _unique_layers(pairs) if layer.bias_shift is not None]
-            problem = _commit_layers(layers, run.names)
+            problem = _commit_layers([layer for layer in _unique_layers(absorbed)], run.names)
             if problem:
                 notes.append(f"nothing absorbed: {problem}")
-                counters = Counter({k: v for k, v in counters.items() if k not in ("pairs_absorbed", "channels_absorbed")})
-                absorbed = 0
+                absorbed = []
+                del counters["channels_absorbed"]
+            else:
+                counters["pairs_absorbed"] = len(absorbed)
         if finder.rejected:
             counters["pairs_rejected"] = len(finder.rejected)
         notes = _notes(finder.rejected, max(0, int(opts.max_notes)), "absorbed") + notes
-        return PassResult(changed=absorbed > 0, counters=dict(counters), notes=notes)
+        return PassResult(changed=bool(absorbed), counters=dict(counters), notes=notes)
 
-    @staticmethod
-    def _bias_problem(run: FusionRun, layer: LinearLayer) -> str | None:
-        """Why ``layer`` cannot take a per-channel bias (a MatMul becomes a Gemm for it)."""
-        if layer.op == "Conv":
+    def _checked_options(self) -> AbsorbOptions:
+        opts = self.options
+        if not float(opts.sigmas) >= 0:
+            raise UserInputError(f"absorb-bias: sigmas={opts.sigmas} is negative.", "use e.g. sigmas=3.")
+        if int(opts.max_feeds) < 0:
+            raise UserInputError(f"absorb-bias: max_feeds={opts.max_feeds} is negative.", "use 0 (all feeds) or more.")
+        if int(opts.min_values) < 1:
+            raise UserInputError(f"absorb-bias: min_values={opts.min_values} is below 1.", "use e.g. min_values=64.")
+        return opts
+
+    def _shift(self, pair: LayerPair, stats, rejected: list[NoMatch]) -> np.ndarray | None:
+        """The per-channel shift c to absorb, or None (with the reason in ``rejected``)."""
+        name, node = pair.intermediate.name, pair.first.node
+        if stats is None:
+            rejected.append(NoMatch(node, f"no calibration statistics for '{name}'"))
             return None
-        if run.root.opset is not None and run.root.opset < 7:
-            return f"{layer.name}: Gemm before opset 7 broadcasts C only with its legacy broadcast attribute"
-        if layer.op == "MatMul":
-            rank = run.rank(layer.node.inputs[0])
-            if rank != 2:
-                why = "unknown" if rank is None else f"{rank}-D"
-                return f"{layer.name}: input rank is {why}; a bias needs Gemm, which takes 2-D input"
-        return None
+        if stats.channels != pair.first.out_channels:
+            rejected.append(NoMatch(node, f"statistics of '{name}' have {stats.channels} channels, "
+                                          f"expected {pair.first.out_channels}"))
+            return None
+        if stats.count < int(self.options.min_values):
+            rejected.append(NoMatch(node, f"only {stats.count} calibration values per channel of '{name}' "
+                                          f"(min_values={self.options.min_values}); give more calibration data"))
+            return None
+        return absorbable_shift(stats.mean, np.sqrt(stats.variance), stats.min, float(self.options.sigmas))
 
-    def _statistics(self, graph: gs.Graph, ctx, names: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per-channel (mean, std, min) of each named tensor over the calibration data (axis 1)."""
+    def _statistics(self, graph: gs.Graph, ctx, calibration, names: list[str]) -> dict:
+        """Per-channel ChannelStats (axis 1) of each named tensor over the calibration data."""
         from onnxopt.activations import collect_channel_stats
 
-        calibration = ctx.calibration_data()
         limit = int(self.options.max_feeds) or None
         feeds = (lambda: calibration.feeds(limit)) if limit else calibration
         model = G.export_model(graph, ctx.template)
-        stats = collect_channel_stats(model, names, feeds, axis=1, progress=ctx.progress)
-        return {name: (s.mean, np.sqrt(s.variance), s.min) for name, s in stats.items()}
+        return collect_channel_stats(model, names, feeds, axis=1, progress=ctx.progress)

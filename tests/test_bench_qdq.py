@@ -57,8 +57,11 @@ def test_summary_judges_the_goal():
     assert not holds and "slower than quantize_static" in text and "agreement below 99%" in text
     invalid = bench.Row("m", "quantize_static", error="invalid model: axis")
     holds, text = bench.goal_check([invalid, bench.Row("m", "onnxopt", speed=0.9, app=1.0)])
-    assert not holds and "slower than float" in text
+    assert not holds and "not faster than float" in text
     assert bench.goal_check([qs, bench.Row("m", "onnxopt", error="qdq-int8 not registered")])[0] is None
+    unchanged = [bench.Row("m", "float", file_mb=10.0), invalid, bench.Row("m", "onnxopt", speed=1.1, app=1.0, file_mb=9.8)]
+    holds, text = bench.goal_check(unchanged)
+    assert holds and "little was quantized" in text
 
 
 def test_a_model_onnxruntime_refuses_is_reported_as_invalid(tmp_path):

@@ -160,7 +160,9 @@ class ChannelStats:
         return np.maximum(self.mean_square - self.mean * self.mean, 0.0)
 
 
-class _ChannelAccumulator:
+class ChannelAccumulator:
+    """Running per-channel sums along ``axis``, one array at a time (ChannelStats when done)."""
+
     def __init__(self, axis: int):
         self.axis = axis
         self.count = 0
@@ -206,7 +208,7 @@ def collect_channel_stats(model: onnx.ModelProto, tensor_names: Iterable[str], c
     and the feature axis of a rank-2 [N, F] tensor; -1 for channels-last). Tensors that cannot
     be captured, or whose size along ``axis`` changes between feeds, are absent."""
     names = list(dict.fromkeys(tensor_names))
-    accumulators = {name: _ChannelAccumulator(axis) for name in names}
+    accumulators = {name: ChannelAccumulator(axis) for name in names}
     capture(model, names, calibration, lambda name, array: accumulators[name].add(array),
             memory_budget=memory_budget, progress=progress)
     stats = {name: acc.result() for name, acc in accumulators.items()}

@@ -49,7 +49,6 @@ class ActivationParams:
 class CalibrationResult:
     histograms: dict = field(default_factory=dict)  # tensor → StreamingHistogram
     channel_means: dict[str, np.ndarray] = field(default_factory=dict)  # anchor input → mean per feature
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # observed (first feed)
     missing: list[str] = field(default_factory=list)
 
 
@@ -190,8 +189,8 @@ def _feature_axis(node: gs.Node) -> int:
 
 def _calibrate(graph: gs.Graph, ctx, plan: QuantPlan, samples: int) -> CalibrationResult:
     """One sweep over the calibration data: histograms of every planned tensor (and of the
-    candidates' neighbours), per-feature means of every anchor's input, observed shapes."""
-    from onnxopt.activations import capture
+    candidates' neighbours), per-feature means of every anchor's input."""
+    from onnxopt.activations import ChannelAccumulator, capture
     from onnxopt.quant_math import StreamingHistogram
 
     by_name = {n.name: n for n in graph.nodes}
@@ -199,31 +198,28 @@ def _calibrate(graph: gs.Graph, ctx, plan: QuantPlan, samples: int) -> Calibrati
     wanted = set(plan.tensors) | set(anchor_inputs)
     for group in plan.groups:
         wanted |= group
-    for a in plan.anchors:  # outputs too: shapes for timing, ranges if the plan changes
+    for a in plan.anchors:  # outputs too: their ranges are needed when exclusions change the plan
         wanted.update(t.name for t in by_name[a].outputs)
     result = CalibrationResult()
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    means = {name: ChannelAccumulator(axis) for name, axis in anchor_inputs.items()}
 
     def consume(name: str, value: np.ndarray) -> None:
-        result.shapes.setdefault(name, tuple(value.shape))
         hist = result.histograms.get(name)
         if hist is None:
             hist = result.histograms[name] = StreamingHistogram()
         hist.add(value)
-        if name in anchor_inputs and value.ndim >= 2:
-            axis = anchor_inputs[name] % value.ndim
-            flat = np.moveaxis(value, axis, -1).reshape(-1, value.shape[axis]).astype(np.float64)
-            sums[name] = sums.get(name, 0.0) + flat.sum(axis=0)
-            counts[name] = counts.get(name, 0) + flat.shape[0]
+        if name in means:
+            means[name].add(value)
 
     model = G.export_model(graph, ctx.template)
     data = ctx.calibration_data()
     result.missing = list(capture(model, sorted(wanted), lambda: data.feeds(limit=samples), consume,
                                   progress=ctx.progress))
     result.missing = [m for m in result.missing if m in plan.tensors]
-    for name, total in sums.items():
-        result.channel_means[name] = (total / max(counts[name], 1)).astype(np.float64)
+    for name, accumulator in means.items():
+        stats = accumulator.result()
+        if stats is not None:
+            result.channel_means[name] = stats.mean
     return result
 
 
@@ -447,17 +443,25 @@ def layer_kind(node: gs.Node) -> str:
     return "pointwise" if all(int(k) == 1 for k in weight_shape[2:]) else "spatial"
 
 
+def _quantized_copy(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
+                    weights: dict):
+    """The model ``graph`` would become under ``plan``, built on a copy (``graph`` is untouched);
+    the trial rewrites of the speed check and the tolerance search."""
+    trial = graph.copy()
+    apply_plan(trial, plan, calib, opt, per_channel, weights)
+    trial.cleanup().toposort()
+    return G.export_model(trial, ctx.template)
+
+
 def _speedup(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
              weights: dict) -> float:
     """Measured speed of the model quantized per ``plan`` relative to float."""
     from onnxopt.layer_timing import LatencyProbe
 
-    trial = graph.copy()
-    apply_plan(trial, plan, calib, opt, per_channel, weights)
-    trial.cleanup().toposort()
     feed = next(iter(ctx.calibration_data().feeds(limit=1)), None)
     probe = LatencyProbe(optimization="all", threads=1, runs=15)
-    return probe.compare(G.export_model(graph, ctx.template), [G.export_model(trial, ctx.template)], feed)[0]
+    quantized = _quantized_copy(graph, ctx, plan, calib, opt, per_channel, weights)
+    return probe.compare(G.export_model(graph, ctx.template), [quantized], feed)[0]
 
 
 def _slow_layers(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
@@ -474,11 +478,8 @@ def _slow_layers(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult
     feed = next(iter(ctx.calibration_data().feeds(limit=1)), None)
 
     def variant(keep_float: set[str]):
-        trial = graph.copy()
-        trial_plan = plan_quantization(trial, ctx.target, excluded=keep_float, min_channels=opt.min_channels)
-        apply_plan(trial, trial_plan, calib, opt, per_channel, weights)
-        trial.cleanup().toposort()
-        return G.export_model(trial, ctx.template)
+        trial_plan = plan_quantization(graph, ctx.target, excluded=keep_float, min_channels=opt.min_channels)
+        return _quantized_copy(graph, ctx, trial_plan, calib, opt, per_channel, weights)
 
     kept_float: set[str] = set(opt.exclude)
     current = variant(kept_float)
@@ -530,11 +531,9 @@ def _sensitive_anchors(graph: gs.Graph, ctx, plan: QuantPlan, calib: Calibration
     del reference_session
 
     def evaluate(keep_float: set[str], limit: int | None = None) -> dict[str, float]:
-        trial = graph.copy()
-        trial_plan = plan_quantization(trial, ctx.target, excluded=keep_float, min_channels=opt.min_channels)
-        apply_plan(trial, trial_plan, calib, opt, per_channel, weights)
-        trial.cleanup().toposort()
-        session = make_session(G.export_model(trial, ctx.template), optimization="all")
+        trial_plan = plan_quantization(graph, ctx.target, excluded=keep_float, min_channels=opt.min_channels)
+        session = make_session(_quantized_copy(graph, ctx, trial_plan, calib, opt, per_channel, weights),
+                               optimization="all")
         accumulators: dict[str, OutputAccumulator] = {}
         for feed, ref in list(zip(feeds, references))[:limit]:
             out = run_session(session, feed)

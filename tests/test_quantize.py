@@ -227,7 +227,6 @@ def test_nothing_is_quantized_when_int8_is_slower_than_float(monkeypatch):
 
 
 def test_layer_kind_names_the_conv_shapes():
-    from onnxopt.passes.qdq_placement import plan_quantization  # noqa: F401  (module imports)
     from onnxopt.passes.quantize import layer_kind
     from onnxopt.graph import import_model
 

@@ -215,6 +215,46 @@ def collect_channel_stats(model: onnx.ModelProto, tensor_names: Iterable[str], c
     return {name: s for name, s in stats.items() if s is not None}
 
 
+# --------------------------------------------------------------------------- sampled rows
+def sample_positions(shape: Sequence[int], count: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """``count`` random (batch, y, x) output positions of a (N, C, H, W) tensor, or random rows
+    (indices into the flattened leading axes) of a (..., F) tensor; all positions when there are
+    fewer. Data-driven layer reconstruction samples a few positions per image, as Zhang et al.
+    2015 (§3: "10 random locations per image")."""
+    if len(shape) == 4:
+        n, _, h, w = shape
+        total = n * h * w
+        picked = np.sort(rng.choice(total, size=min(count, total), replace=False))
+        return np.unravel_index(picked, (n, h, w))
+    total = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return (np.sort(rng.choice(total, size=min(count, total), replace=False)),)
+
+
+def rows_at(tensor: np.ndarray, positions: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The feature vectors at ``positions`` (from :func:`sample_positions`): (P, C) of an NCHW
+    tensor, or (P, F) of a (..., F) tensor."""
+    if tensor.ndim == 4:
+        n, y, x = positions
+        return tensor[n, :, y, x]
+    return tensor.reshape(-1, tensor.shape[-1])[positions[0]]
+
+
+def conv_patches(tensor: np.ndarray, positions: tuple[np.ndarray, ...], kernel: tuple[int, int],
+                 strides: Sequence[int] = (1, 1), pads: Sequence[int] = (0, 0, 0, 0),
+                 dilations: Sequence[int] = (1, 1)) -> np.ndarray:
+    """The input patches a 2-D Conv (group 1) reads to produce the output ``positions``
+    (batch, out_y, out_x): (P, C·kh·kw), flattened in the kernel's (C, kh, kw) order, so
+    ``patches @ W.reshape(T, -1).T`` is the Conv's output there (ONNX pads: begin_h, begin_w,
+    end_h, end_w; zeros outside the input)."""
+    kh, kw = kernel
+    n, oy, ox = positions
+    padded = np.pad(tensor, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    taps_y = oy[:, None] * strides[0] + np.arange(kh)[None, :] * dilations[0]  # (P, kh)
+    taps_x = ox[:, None] * strides[1] + np.arange(kw)[None, :] * dilations[1]  # (P, kw)
+    patches = padded[n[:, None, None], :, taps_y[:, :, None], taps_x[:, None, :]]  # (P, kh, kw, C)
+    return np.ascontiguousarray(patches.transpose(0, 3, 1, 2)).reshape(len(n), -1)
+
+
 # --------------------------------------------------------------------------- helpers
 def _feed_source(feeds: FeedSource) -> tuple[Callable[[], Iterable[Feed]], int | None]:
     """A callable giving a fresh iterable of feeds, and their number when known."""

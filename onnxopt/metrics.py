@@ -79,6 +79,46 @@ def top1_matches(ref: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
     return int((r.argmax(axis=1) == c.argmax(axis=1)).sum()), int(r.shape[0])
 
 
+def class_rows(scores: np.ndarray) -> np.ndarray:
+    """Class-score output as (samples, classes) rows (``(N, C, 1, 1)`` and ``(C,)`` included)."""
+    a = np.asarray(scores, dtype=np.float64)
+    if a.ndim == 1:
+        return a[None, :]
+    return a.reshape(a.shape[0], a.shape[1], -1)[:, :, 0] if a.ndim == 4 else a
+
+
+def margin_changes(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per sample: the reference's top-1 margin (best minus runner-up score) and how much the
+    candidate changed that margin (negative: the runner-up gained on the winner)."""
+    r, c = class_rows(ref), class_rows(cand)
+    rows = np.arange(r.shape[0])
+    order = np.argsort(r, axis=1)
+    top, second = order[:, -1], order[:, -2]
+    margin = r[rows, top] - r[rows, second]
+    change = (c - r)[rows, top] - (c - r)[rows, second]
+    return margin, change
+
+
+def expected_top1(margins: np.ndarray, changes: np.ndarray) -> float:
+    """Top-1 agreement to expect on inputs *not* in the sample, from the margins and margin changes
+    seen on it.
+
+    A handful of calibration samples can all keep their answer while a new input, whose margin
+    happens to be smaller, flips. So every observed change is paired with every observed margin
+    (all n² pairings, a bootstrap of "this error on that input"). An error has no preferred sign
+    relative to a new input's runner-up, so a pairing flips with probability ½ when
+    ``|change| > margin``. On a random-weight ResNet-50 in int8, 16 calibration photos gave an
+    estimate of 95.7 % while 16 other photos showed 93.8 %; the plain count on the calibration
+    photos said 100 %.
+    """
+    m = np.asarray(margins, dtype=np.float64)
+    d = np.abs(np.asarray(changes, dtype=np.float64))
+    if m.size == 0:
+        return 1.0
+    could_flip = d[:, None] > m[None, :]
+    return float(1.0 - 0.5 * could_flip.mean())
+
+
 def within(metric: str, value: float, bound: float) -> bool:
     if metric in HIGHER_IS_BETTER:
         return value >= bound
@@ -108,6 +148,8 @@ class OutputAccumulator:
         self.top1_hits = 0
         self.top1_total = 0
         self.class_scores: bool | None = None
+        self._margins: list[np.ndarray] = []  # top-1 margins of the reference, per class-score row
+        self._margin_changes: list[np.ndarray] = []  # and how the candidate moved them
         self.exact_mismatch = False  # non-float outputs differ
         self.broken: str | None = None  # shape or non-finite mismatch; all metrics at their worst
 
@@ -123,6 +165,10 @@ class OutputAccumulator:
             hits, total = top1_matches(ref, cand)
             self.top1_hits += hits
             self.top1_total += total
+            if ref.dtype.kind == "f" and np.isfinite(ref).all() and np.isfinite(cand).all():
+                margin, change = margin_changes(ref, cand)
+                self._margins.append(margin)
+                self._margin_changes.append(change)
         if ref.dtype.kind not in "fc" or cand.dtype.kind not in "fc":
             # Indices, masks, counts: equal or not; errors in the numeric sense where they are numbers.
             if not np.array_equal(ref, cand):
@@ -162,6 +208,16 @@ class OutputAccumulator:
             else:
                 cos = float(dot / (a * b))
             self.cosine = min(self.cosine, cos)
+
+    def expected_top1(self) -> float | None:
+        """Top-1 agreement to expect beyond these samples (:func:`expected_top1`), never above the
+        agreement observed; None when the output is not class scores."""
+        if not (self.class_scores and self.top1_total) or self.broken:
+            return None if not self.broken else 0.0
+        observed = self.top1_hits / self.top1_total
+        if not self._margins:
+            return observed
+        return min(observed, expected_top1(np.concatenate(self._margins), np.concatenate(self._margin_changes)))
 
     def result(self) -> dict[str, float]:
         if self.broken:

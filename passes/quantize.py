@@ -19,7 +19,6 @@ Steps, in order:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,8 +28,9 @@ import onnx_graphsurgeon as gs
 from onnxopt import graph as G
 from onnxopt.pass_base import Pass, PassResult
 from onnxopt.registry import all_passes, register_pass
+from onnxopt.tolerance import default_budget
 
-from .qdq_placement import ANCHOR_OPS, QuantPlan, plan_quantization, weight_axis, weight_input
+from .qdq_placement import QuantPlan, plan_quantization, weight_axis, weight_input
 
 Method = Literal["minmax", "percentile", "entropy", "mse"]
 
@@ -79,8 +79,9 @@ class QdqInt8(Pass):
         samples: int = 64  # calibration feeds used at most
         # The accuracy budget when the user gives no --tolerance ("none": no check). Plain int8
         # can flip a classifier's answer; a quantizer should not do that silently.
-        # Metrics joined by '+' (commas separate pass options), e.g. cosine=0.995+top1=1.
-        accuracy: str = "cosine=0.99+top1=1"
+        # Metrics joined by '+' (commas separate pass options), e.g. cosine=0.995+top1=0.999.
+        # top1 is the agreement to expect beyond the calibration feeds (onnxopt/tolerance.py).
+        accuracy: str = "cosine=0.99+top1=0.99"
         eval_samples: int = 16  # feeds used to check the tolerance and rank sensitivity
 
     # ------------------------------------------------------------------ run
@@ -127,7 +128,7 @@ class QdqInt8(Pass):
                 plan = plan_quantization(graph, ctx.target, excluded=excluded, min_channels=opt.min_channels)
         counters["layers_slow_kept_float"] = float(len(excluded) - len(set(opt.exclude)))
 
-        tolerance = dict(ctx.tolerance) or _default_tolerance(opt.accuracy)
+        tolerance = dict(ctx.tolerance) or default_budget(opt.accuracy)
         if tolerance:
             sensitive = _sensitive_anchors(graph, ctx, plan, calib, opt, per_channel, excluded, notes, weights,
                                            tolerance)
@@ -150,13 +151,6 @@ class QdqInt8(Pass):
 
 
 # ---------------------------------------------------------------------- preparation
-def _default_tolerance(spec: str) -> dict[str, float]:
-    from onnxopt.validate import parse_tolerance
-
-    return {} if spec.strip().lower() in ("", "none") else parse_tolerance([spec.replace("+", ",")])
-
-
-
 def _upgrade_opset(graph: gs.Graph, ctx) -> str | None:
     upgrade = all_passes().get("upgrade-opset")
     if upgrade is None:
@@ -502,67 +496,29 @@ def _slow_layers(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult
 
 
 # ---------------------------------------------------------------------- tolerance
-_PERFECT = {"cosine": 1.0, "top1": 1.0}
-
-
-def _badness(metrics: dict[str, float], tolerance: dict[str, float]) -> float:
-    """How much of the tolerance a result uses: 1.0 at the bound, above 1 beyond it."""
-    worst = 0.0
-    for metric, bound in tolerance.items():
-        if metric not in metrics:
-            continue
-        perfect = _PERFECT.get(metric, 0.0)
-        allowed = abs(perfect - bound) or 1e-12
-        worst = max(worst, abs(perfect - metrics[metric]) / allowed)
-    return worst
-
-
 def _sensitive_anchors(graph: gs.Graph, ctx, plan: QuantPlan, calib: CalibrationResult, opt, per_channel: bool,
                        excluded: set[str], notes: list[str], weights: dict, tolerance: dict[str, float]) -> set[str]:
     """The fewest most-sensitive layers to keep float so the model meets ``tolerance`` on the
-    calibration data."""
-    from onnxopt.metrics import OutputAccumulator
-    from onnxopt.runtime import make_session, run_session
+    calibration data (top-1 as expected beyond it, onnxopt/tolerance.py)."""
+    from onnxopt.tolerance import ToleranceCheck, describe
 
     feeds = list(ctx.calibration_data().feeds(limit=opt.eval_samples))
-    reference_model = G.export_model(graph, ctx.template)
-    reference_session = make_session(reference_model, optimization="all")
-    references = [run_session(reference_session, f) for f in feeds]
-    del reference_session
+    check = ToleranceCheck(G.export_model(graph, ctx.template), feeds, tolerance)
 
     def evaluate(keep_float: set[str], limit: int | None = None) -> dict[str, float]:
         trial_plan = plan_quantization(graph, ctx.target, excluded=keep_float, min_channels=opt.min_channels)
-        session = make_session(_quantized_copy(graph, ctx, trial_plan, calib, opt, per_channel, weights),
-                               optimization="all")
-        accumulators: dict[str, OutputAccumulator] = {}
-        for feed, ref in list(zip(feeds, references))[:limit]:
-            out = run_session(session, feed)
-            for key, value in ref.items():
-                accumulators.setdefault(key, OutputAccumulator(key)).add(value, out[key])
-        worst: dict[str, float] = {}
-        for acc in accumulators.values():
-            for metric, value in acc.result().items():
-                if metric in _PERFECT:
-                    worst[metric] = min(worst.get(metric, value), value)
-                else:
-                    worst[metric] = max(worst.get(metric, value), value)
-        return worst
-
-    def meets(metrics: dict[str, float]) -> bool:
-        from onnxopt.metrics import within
-
-        return all(within(m, metrics[m], b) for m, b in tolerance.items() if m in metrics)
+        return check.evaluate(_quantized_copy(graph, ctx, trial_plan, calib, opt, per_channel, weights), limit)
 
     full = evaluate(excluded)
-    if meets(full):
-        notes.append("tolerance met with every layer in int8: " + _describe(full))
+    if check.meets(full):
+        notes.append("tolerance met with every layer in int8: " + describe(full))
         return set()
     anchors = list(plan.anchors)
     ranking_feeds = max(2, min(len(feeds), 8))
     scores: dict[str, tuple[float, float]] = {}
     for name in ctx.progress(anchors, "ranking layer sensitivity", len(anchors)):
         alone = evaluate(excluded | (set(anchors) - {name}), limit=ranking_feeds)
-        scores[name] = (_badness(alone, tolerance), alone.get("rel_l2", 0.0))
+        scores[name] = (check.badness(alone), alone.get("rel_l2", 0.0))
     ranked = sorted(anchors, key=lambda n: scores[n], reverse=True)
     # Fewest layers kept float: binary search on the count, assuming error falls as it grows.
     low, high = 1, len(ranked)
@@ -571,14 +527,11 @@ def _sensitive_anchors(graph: gs.Graph, ctx, plan: QuantPlan, calib: Calibration
         middle = (low + high) // 2
         candidate = set(ranked[:middle])
         result = evaluate(excluded | candidate)
-        if meets(result):
+        if check.meets(result):
             best, high = candidate, middle - 1
-            notes.append(f"tolerance met with {middle} sensitive layer(s) in float: " + _describe(result))
+            notes.append(f"tolerance met with {middle} sensitive layer(s) in float: " + describe(result))
         else:
             low = middle + 1
     notes.append("kept float for the tolerance: " + ", ".join(sorted(best, key=ranked.index)))
     return best
 
-
-def _describe(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k}={v:.6g}" for k, v in sorted(metrics.items()) if k in ("cosine", "top1", "rel_l2"))

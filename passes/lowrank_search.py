@@ -1,0 +1,447 @@
+"""How the low-rank passes choose, check and refine their decompositions (passes/lowrank.py).
+
+1. **Worth it?** A decomposition must cut the layer's multiply-accumulates to ``max_macs`` and,
+   on target cpu, run ``min_speedup`` faster than the layer in onnxruntime, both timed alone
+   and interleaved (onnxopt/layer_timing.py). Elsewhere (no GPU here) MACs decide, with a note.
+2. **Ranks**: from the options, or searched: every layer offers the rank ladder's decompositions
+   that are worth it, each with its measured saving (seconds) and its error on the calibration
+   data (relative error of the layer's output on sampled input patches). Moves are taken
+   greedily, best saving per unit of error first; the longest prefix of moves whose model is
+   within the tolerance wins (binary search, the whole model scored by onnxopt/tolerance.py).
+3. **Refinement** (Zhang et al. 2015, "asymmetric" reconstruction): the last factor of every
+   decomposed layer is refit by least squares so that, fed with the *decomposed* model's
+   activations, it reproduces the *original* layer's outputs (bias included) on sampled
+   positions of the calibration data. Streamed: only Gram sums are kept.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxopt import graph as G
+from onnxopt.activations import capture, conv_patches, rows_at, sample_positions
+from onnxopt.blas import one_blas_thread
+from onnxopt.errors import UserInputError
+from onnxopt.pass_base import PassResult
+from onnxopt.tolerance import ToleranceCheck, default_budget, describe
+
+from .lowrank import Layer, LowRankPass, Step, chain_macs, find_layers, original_steps, rewrite, standalone
+
+
+# One AVX2 core runs dense float convolutions at about 43 GMAC/s (onnxruntime, 1 thread: ResNet-50 has
+# 8.2 GFLOP in 94 ms): the saving of layers that are not timed, in seconds like the timed ones.
+NOMINAL_MACS_PER_S = 43e9
+
+
+@dataclass
+class Choice:
+    layer: Layer
+    ranks: tuple[int, ...]
+    steps: list[Step]
+    saving_s: float = 0.0  # measured latency saving of the layer (0 when not measured)
+    error: float = 0.0  # relative error of the layer's output on calibration patches
+
+
+def decompose(pass_: LowRankPass, graph: gs.Graph, ctx) -> PassResult:
+    with one_blas_thread():
+        return _decompose(pass_, graph, ctx)
+
+
+def _decompose(pass_: LowRankPass, graph: gs.Graph, ctx) -> PassResult:
+    opt = pass_.options
+    notes: list[str] = []
+    feeds = list(ctx.calibration_data().feeds(limit=max(1, opt.samples)))
+    shapes = {name: tuple(value.shape) for name, value in feeds[0].items()} if feeds else {}
+    layers, layer_notes = find_layers(graph, G.inferred_types(graph, ctx.template, input_shapes=shapes))
+    notes.extend(layer_notes)
+    candidates = []
+    for layer in layers:
+        reason = "excluded" if layer.name in opt.exclude or layer.node.op in opt.exclude else pass_.reason_to_skip(layer)
+        if reason:
+            notes.append(f"{layer.name}: {reason}")
+        else:
+            candidates.append(layer)
+    if not candidates:
+        return PassResult(False, notes=notes + ["no layer to decompose"])
+
+    judge = Worth(pass_, ctx, notes)
+    if pass_.explicit_ranks(candidates[0]) is not None:
+        chosen = []
+        for layer in ctx.progress(candidates, f"{pass_.name}: factorizing", len(candidates)):
+            ranks = pass_.explicit_ranks(layer)
+            steps = pass_.factorize(layer, ranks)
+            [ok] = judge.keep(layer, [steps])
+            if ok:
+                chosen.append(Choice(layer, ranks, steps))
+        targets = Targets(graph, ctx, [c.layer for c in chosen], feeds, opt) if opt.refine and chosen else None
+    else:
+        tolerance = dict(ctx.tolerance) or default_budget(opt.accuracy)
+        if not tolerance:
+            raise UserInputError(f"{pass_.name}: no ranks given and no accuracy budget to search them by.",
+                                 "pass --tolerance (e.g. cosine=0.999), or rank=, energy= or method=vbmf.")
+        targets = Targets(graph, ctx, candidates, feeds, opt) if opt.refine else None
+        chosen = search(pass_, graph, ctx, candidates, judge, feeds, tolerance, targets, notes)
+
+    if not chosen:
+        return PassResult(False, notes=notes + ["no decomposition was worth applying"])
+    if targets is not None:
+        refine(graph, ctx, chosen, targets, feeds, notes)
+    names = G.NameAllocator(graph)
+    macs_before = macs_after = params_before = params_after = 0
+    for choice in chosen:
+        layer = choice.layer
+        macs_before += chain_macs(layer, original_steps(layer))
+        macs_after += chain_macs(layer, choice.steps)
+        params_before += layer.weight.size
+        params_after += sum(s.weight.size for s in choice.steps)
+        rewrite(graph, layer, choice.steps, names)
+        notes.append(f"{layer.name}: rank {'×'.join(map(str, choice.ranks))}")
+    counters = {"layers_decomposed": float(len(chosen)), "macs_saved": float(macs_before - macs_after),
+                "params_saved": float(params_before - params_after)}
+    return PassResult(True, counters, notes)
+
+
+# ---------------------------------------------------------------------- worth it?
+class Worth:
+    """Keeps a decomposition only when it cuts MACs and (cpu) is measured faster."""
+
+    def __init__(self, pass_: LowRankPass, ctx, notes: list[str]):
+        from onnxopt.layer_timing import LatencyProbe
+
+        opt = pass_.options
+        self.opt, self.notes = opt, notes
+        self.probe = None
+        if opt.measure and ctx.target == "cpu":
+            self.probe = LatencyProbe(optimization="all", threads=1, runs=10, budget_s=opt.latency_budget_s)
+        elif opt.measure:
+            notes.append(f"target {ctx.target}: layers not timed on this machine; MACs decide")
+        self.opset = max(13, ctx.template.opset_import[0].version if ctx.template is not None else 13)
+
+    def keep(self, layer: Layer, options: list[list[Step]]) -> list[bool]:
+        return [s is not None for s in self.savings(layer, options)]
+
+    def savings(self, layer: Layer, options: list[list[Step]]) -> list[float | None]:
+        """Seconds each option saves on the layer (None: not worth it); where it is not timed,
+        the MACs it saves at a nominal rate."""
+        from onnxopt.layer_timing import LatencyBudgetExceeded
+
+        original = original_steps(layer)
+        base_macs = chain_macs(layer, original)
+        result: list[float | None] = []
+        for steps in options:
+            macs = chain_macs(layer, steps)
+            result.append((base_macs - macs) / NOMINAL_MACS_PER_S if macs <= self.opt.max_macs * base_macs else None)
+        if result and all(r is None for r in result):
+            self.notes.append(f"{layer.name}: no rank cuts its MACs to {self.opt.max_macs:.0%}")
+            return result
+        if self.probe is None:
+            return result
+        if layer.in_shape is None:
+            self.notes.append(f"{layer.name}: input shape unknown, not timed; MACs decide")
+            return result
+        timed = [i for i, r in enumerate(result) if r is not None]
+        try:
+            baseline = standalone(original, layer.in_shape, self.opset)
+            ratios = self.probe.compare(baseline, [standalone(options[i], layer.in_shape, self.opset) for i in timed])
+            layer_s = self.probe.latency(baseline)
+        except LatencyBudgetExceeded:
+            self.notes.append(f"{layer.name}: latency budget spent; left as it is")
+            return [None] * len(options)
+        for i, ratio in zip(timed, ratios):
+            result[i] = layer_s * (1 - 1 / ratio) if ratio >= self.opt.min_speedup else None
+        if all(r is None for r in result):
+            self.notes.append(f"{layer.name}: decomposition not faster in onnxruntime "
+                              f"(best {max(ratios):.2f}×, needs {self.opt.min_speedup:.2f}×)")
+        return result
+
+
+# ---------------------------------------------------------------------- calibration samples
+class Targets:
+    """What refinement and the search need from the original model on the calibration data:
+    for each layer, sampled output positions per feed, the layer's outputs there (the
+    refit's targets) and, ``with_inputs``, the input patches that produce them (for the error
+    of a rank). Positions are a function of (layer, feed number, output shape), so inputs and
+    outputs can arrive in any order."""
+
+    def __init__(self, graph: gs.Graph, ctx, layers: list[Layer], feeds: list, opt, with_inputs: bool = False):
+        self.layers = {layer.name: layer for layer in layers}
+        self.count = opt.positions
+        self.outputs: dict[str, dict[int, np.ndarray]] = {name: {} for name in self.layers}
+        self.output_shapes: dict[str, dict[int, tuple]] = {name: {} for name in self.layers}
+        self.patches: dict[str, dict[int, np.ndarray]] = {name: {} for name in self.layers}
+        readers: dict[str, list[tuple[str, Layer]]] = {}
+        for layer in layers:
+            readers.setdefault(layer.y.name, []).append(("output", layer))
+            if with_inputs:
+                readers.setdefault(layer.x.name, []).append(("input", layer))
+        seen: dict[str, int] = {}
+
+        def consume(name: str, value: np.ndarray) -> None:
+            feed = seen.get(name, 0)
+            seen[name] = feed + 1
+            for role, layer in readers[name]:
+                if role == "output":
+                    self.output_shapes[layer.name][feed] = value.shape
+                    self.outputs[layer.name][feed] = rows_at(value, self.positions(layer, feed, value.shape))
+                else:
+                    self.patches[layer.name][feed] = _input_rows(layer, value, self.positions(
+                        layer, feed, _output_shape(layer, value.shape)))
+
+        missing = capture(G.export_model(graph, ctx.template), list(readers), feeds, consume)
+        for name in missing:
+            for _, layer in readers.get(name, []):
+                self.layers.pop(layer.name, None)
+
+    def positions(self, layer: Layer, feed: int, output_shape: tuple) -> tuple:
+        seed = [zlib.crc32(layer.name.encode()), feed]
+        return sample_positions(output_shape, self.count, np.random.default_rng(seed))
+
+
+def _output_shape(layer: Layer, input_shape: tuple) -> tuple:
+    """The layer's output shape for an input of ``input_shape`` (ONNX Conv output size)."""
+    if layer.kind != "conv":
+        rows = input_shape[:-1] if not (layer.kind == "gemm" and int(G.attr(layer.node, "transA", 0))) \
+            else input_shape[::-1][:-1]
+        return (*rows, layer.weight.shape[0])
+    a = layer.conv_attrs()
+    n, _, h, w = input_shape
+    kh, kw = layer.weight.shape[2:]
+    (sh, sw), (dh, dw), p = a["strides"], a["dilations"], a["pads"]
+    return (n, layer.weight.shape[0], (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1,
+            (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _input_rows(layer: Layer, x: np.ndarray, positions: tuple) -> np.ndarray:
+    if layer.kind == "conv":
+        a = layer.conv_attrs()
+        return conv_patches(x, positions, layer.weight.shape[2:], a["strides"], a["pads"], a["dilations"])
+    if layer.kind == "gemm" and int(G.attr(layer.node, "transA", 0)):
+        x = np.ascontiguousarray(x.T)
+    return rows_at(x, positions).astype(np.float32)
+
+
+def layer_error(layer: Layer, approx_weight: np.ndarray, patches: np.ndarray) -> float:
+    """‖X·(W − Ŵ)ᵀ‖ / ‖X·Wᵀ‖ on the sampled input patches X: the relative error the layer's
+    output takes (bias aside), measured where the data is, not in weight space."""
+    w = layer.weight.reshape(layer.weight.shape[0], -1)
+    delta = w - approx_weight.reshape(w.shape)
+    exact = patches @ w.T
+    return float(np.linalg.norm(patches @ delta.T) / max(np.linalg.norm(exact), 1e-30))
+
+
+# ---------------------------------------------------------------------- the search
+def search(pass_: LowRankPass, graph: gs.Graph, ctx, candidates: list[Layer], judge: Worth, feeds: list,
+           tolerance: dict, targets: Targets | None, notes: list[str]) -> list[Choice]:
+    opt = pass_.options
+    samples = Targets(graph, ctx, candidates, feeds, _with_positions(opt, 64), with_inputs=True)
+    menus: dict[str, list[Choice]] = {}
+    for layer in ctx.progress(candidates, f"{pass_.name}: ranks, speed and error per layer", len(candidates)):
+        if layer.name not in samples.layers or not samples.patches[layer.name]:
+            notes.append(f"{layer.name}: not observable on the calibration data; left as it is")
+            continue
+        options = [(ranks, pass_.factorize(layer, ranks)) for ranks in pass_.ladder(layer)]
+        savings = judge.savings(layer, [steps for _, steps in options])
+        patches = np.concatenate(list(samples.patches[layer.name].values()))
+        menu = [Choice(layer, ranks, steps, saving, layer_error(layer, pass_.compose(layer, steps), patches))
+                for (ranks, steps), saving in zip(options, savings) if saving is not None]
+        if menu:
+            menus[layer.name] = menu
+    del samples
+    moves = greedy_moves(menus)
+    if not moves:
+        return []
+    reference = ToleranceCheck(G.export_model(graph, ctx.template), feeds, tolerance)
+
+    def evaluate(prefix: int, refined: bool) -> tuple[bool, dict]:
+        chosen = [Choice(c.layer, c.ranks, [_copy_step(s) for s in c.steps]) for c in moves[prefix - 1].values()]
+        if refined:
+            refine(graph, ctx, chosen, targets, feeds, [])
+        trial = graph.copy()
+        names = G.NameAllocator(trial)
+        for choice in chosen:
+            rewrite(trial, _same_layer(trial, choice.layer), choice.steps, names)
+        trial.cleanup().toposort()
+        metrics = reference.evaluate(G.export_model(trial, ctx.template))
+        return reference.meets(metrics), metrics
+
+    # The longest prefix of moves within the tolerance, by binary search (error grows with the
+    # prefix), first with plain factors; refinement (one capture sweep per layer) then tries to
+    # go further in at most REFINED_PROBES steps, since it lowers the error at the same ranks.
+    best, best_metrics = _longest_prefix(1, len(moves), lambda k: evaluate(k, False))
+    if targets is not None and best < len(moves):
+        further, further_metrics = _longest_prefix(best + 1, len(moves), lambda k: evaluate(k, True),
+                                                   max_probes=REFINED_PROBES)
+        if further:
+            best, best_metrics = further, further_metrics
+    if not best:
+        notes.append("no decomposition keeps the model within the tolerance")
+        return []
+    notes.append(f"{best} of {len(moves)} greedy moves within the tolerance: {describe(best_metrics)}")
+    return list(moves[best - 1].values())
+
+
+REFINED_PROBES = 3
+
+
+def _longest_prefix(low: int, high: int, evaluate, max_probes: int | None = None) -> tuple[int, dict | None]:
+    best, best_metrics, probes = 0, None, 0
+    while low <= high and (max_probes is None or probes < max_probes):
+        middle = (low + high) // 2
+        ok, metrics = evaluate(middle)
+        probes += 1
+        if ok:
+            best, best_metrics, low = middle, metrics, middle + 1
+        else:
+            high = middle - 1
+    return best, best_metrics
+
+
+def _copy_step(step: Step) -> Step:
+    return Step(step.op, step.weight, step.bias, dict(step.attrs))
+
+
+def _with_positions(opt, positions: int):
+    from dataclasses import replace
+
+    return replace(opt, positions=min(opt.positions, positions))
+
+
+def greedy_moves(menus: dict[str, list[Choice]]) -> list[dict[str, Choice]]:
+    """Configurations (layer → choice) in the order a greedy allocator reaches them: each move
+    takes, over all layers, the step to a faster option with the most saving per unit of added
+    error (a layer may jump past options that buy less). Saving 0 (not timed) counts as the
+    MACs' order: options are then ranked by error alone, cheapest rank last."""
+    current: dict[str, Choice] = {}
+    sequence: list[dict[str, Choice]] = []
+    menus = {name: sorted(menu, key=lambda c: (c.saving_s, -c.error)) for name, menu in menus.items()}
+    position = {name: -1 for name in menus}
+    while True:
+        best_name, best_index, best_value = None, -1, -np.inf
+        for name, menu in menus.items():
+            here = menu[position[name]] if position[name] >= 0 else None
+            saving0 = here.saving_s if here else 0.0
+            error0 = here.error if here else 0.0
+            for index in range(position[name] + 1, len(menu)):
+                option = menu[index]
+                gain = option.saving_s - saving0
+                cost = max(option.error - error0, 1e-9)
+                value = gain / cost if gain > 0 else -cost
+                if value > best_value:
+                    best_name, best_index, best_value = name, index, value
+        if best_name is None:
+            return sequence
+        position[best_name] = best_index
+        current = dict(current)
+        current[best_name] = menus[best_name][best_index]
+        sequence.append(current)
+
+
+def _same_layer(graph: gs.Graph, layer: Layer) -> Layer:
+    """``layer`` re-pointed at the node of the same name in ``graph`` (a copy)."""
+    node = next(n for n in graph.nodes if n.name == layer.name)
+    return Layer(node, layer.kind, layer.weight, layer.bias, layer.in_shape, layer.out_shape)
+
+
+# ---------------------------------------------------------------------- refinement
+def refine(graph: gs.Graph, ctx, chosen: list[Choice], targets: Targets, feeds: list, notes: list[str]
+           ) -> list[Choice]:
+    """Refit each chosen layer's last factor (and bias) on the calibration data, one layer at a
+    time in graph order, each fed by the decomposed model with the layers before it already
+    refit (Zhang et al. 2015 §3.3: the layers are reconstructed sequentially, so errors do not
+    accumulate). Refitting all layers from one sweep let their changes compound: VGG-16's
+    logits grew to 1e10. A refit that does not lower the layer's residual on the samples is
+    dropped. The choices are updated in place and returned; ``graph`` is not changed."""
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    refinable = sorted((c for c in chosen if c.layer.name in targets.layers and targets.outputs[c.layer.name]),
+                       key=lambda c: order.get(c.layer.name, 0))
+    refit = 0
+    for choice in refinable:
+        trial = graph.copy()
+        names = G.NameAllocator(trial)
+        z_name = None
+        for other in chosen:
+            new_nodes = rewrite(trial, _same_layer(trial, other.layer), other.steps, names)
+            if other is choice:
+                z_name = next(n for n in reversed(new_nodes) if n.op in ("Conv", "MatMul")).inputs[0].name
+        trial.cleanup().toposort()
+        layer, last = choice.layer, choice.steps[-1]
+        sums = _GramSums()
+        seen = [0]
+
+        def consume(name: str, value: np.ndarray) -> None:
+            feed = seen[0]
+            seen[0] += 1
+            target = targets.outputs[layer.name].get(feed)
+            if target is not None:
+                positions = targets.positions(layer, feed, targets.output_shapes[layer.name][feed])
+                sums.add(_last_step_rows(last, value, positions), target)
+
+        capture(G.export_model(trial, ctx.template), [z_name], feeds, consume)
+        current = last.weight.reshape(last.weight.shape[0], -1) if last.op == "Conv" else last.weight.T
+        solved = sums.refit(current, last.bias)
+        if solved is None:
+            continue
+        weight, bias = solved
+        last.weight = (weight.reshape(last.weight.shape) if last.op == "Conv" else weight.T).astype(np.float32)
+        last.weight = np.ascontiguousarray(last.weight)
+        last.bias = bias.astype(np.float32)
+        refit += 1
+    notes.append(f"refined {refit} of {len(refinable)} layer(s) on {len(feeds)} calibration feed(s)")
+    return chosen
+
+
+def _last_step_rows(step: Step, z: np.ndarray, positions: tuple) -> np.ndarray:
+    if step.op == "Conv":
+        a = step.attrs
+        return conv_patches(z, positions, step.weight.shape[2:], a["strides"], a["pads"], a["dilations"])
+    return rows_at(z, positions)
+
+
+class _GramSums:
+    """Normal equations of the refit y ≈ W̃·[z; 1], streamed: Σ z̃ z̃ᵀ, Σ z̃ yᵀ and Σ‖y‖² in float64."""
+
+    # Ridge relative to the mean diagonal of the Gram matrix: sampled positions of one image are
+    # correlated, and a near-singular fit would amplify the next layers' input shift.
+    RIDGE = 1e-3
+
+    def __init__(self):
+        self.count = 0
+        self.gram = self.cross = None
+        self.y_energy = 0.0
+
+    def add(self, z: np.ndarray, y: np.ndarray) -> None:
+        z = np.concatenate([z.astype(np.float64), np.ones((z.shape[0], 1))], axis=1)
+        y = y.astype(np.float64)
+        if self.gram is None:
+            self.gram = np.zeros((z.shape[1], z.shape[1]))
+            self.cross = np.zeros((z.shape[1], y.shape[1]))
+        self.gram += z.T @ z
+        self.cross += z.T @ y
+        self.y_energy += float((y * y).sum())
+        self.count += z.shape[0]
+
+    def residual(self, augmented: np.ndarray) -> float:
+        """Σ‖y − W̃ z̃‖² for W̃ (T, r+1), from the sums alone."""
+        return self.y_energy - 2 * float(np.sum(augmented.T * self.cross)) + float(
+            np.sum((augmented @ self.gram) * augmented))
+
+    def refit(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """The least-squares (weight (T, r), bias (T,)), or None when it is not better than the
+        given ones on the samples (or there are fewer samples than unknowns)."""
+        if self.gram is None or self.count <= self.gram.shape[0]:
+            return None
+        r = self.gram.shape[0] - 1
+        ridge = np.eye(r + 1) * self.RIDGE * np.trace(self.gram[:r, :r]) / max(r, 1)
+        ridge[r, r] = 0.0  # the bias is not shrunk
+        try:
+            solved = np.linalg.solve(self.gram + ridge, self.cross).T  # (T, r+1)
+        except np.linalg.LinAlgError:
+            solved = np.linalg.lstsq(self.gram + ridge, self.cross, rcond=None)[0].T
+        before = np.concatenate([weight, (np.zeros(weight.shape[0]) if bias is None else bias)[:, None]], axis=1)
+        if not np.isfinite(solved).all() or self.residual(solved) >= self.residual(before):
+            return None
+        return solved[:, :r], solved[:, r]

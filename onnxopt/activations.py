@@ -343,12 +343,40 @@ def _session_for(work: onnx.ModelProto, outputs: list[str]):
     del work.graph.output[:]
     for name in outputs:
         work.graph.output.add().name = name
+    all_nodes = list(work.graph.node)
+    needed = _ancestors(all_nodes, outputs)
+    if needed is not None and len(needed) < len(all_nodes):
+        # onnxruntime runs every node of the graph, whatever is fetched: drop the nodes the outputs
+        # do not depend on (an early layer's input then costs a few layers, not the whole model).
+        del work.graph.node[:]
+        work.graph.node.extend(needed)
     try:
         return make_session(work, "cpu", optimization="disable", threads=_THREADS)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(f"onnxruntime cannot load the model to collect activations: {first}",
                              "calibration needs a model that onnxruntime's CPU provider can run.") from None
+    finally:
+        if needed is not None and len(needed) < len(all_nodes):
+            del work.graph.node[:]
+            work.graph.node.extend(all_nodes)
+
+
+def _ancestors(nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto] | None:
+    """The nodes ``outputs`` depend on, in their original order; None when a node holds a subgraph
+    (its body may read outer tensors its inputs do not name) or a node has no outputs listed."""
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute):
+        return None
+    producer = {out: index for index, node in enumerate(nodes) for out in node.output if out}
+    keep: set[int] = set()
+    stack = [producer[name] for name in outputs if name in producer]
+    while stack:
+        index = stack.pop()
+        if index in keep:
+            continue
+        keep.add(index)
+        stack.extend(producer[name] for name in nodes[index].input if name in producer)
+    return [node for index, node in enumerate(nodes) if index in keep]
 
 
 def _run(session, fetch: list[str], feed: Feed, feed_number: int) -> list:

@@ -161,3 +161,19 @@ def test_bad_feeds_and_budget():
     with pytest.raises(UserInputError):
         capture(MODEL, ["c"], FEEDS, lambda n, a: None, memory_budget=0)
     assert capture(MODEL, ["c"], [], lambda n, a: None) == []
+
+
+def test_capture_runs_only_the_nodes_the_tensors_depend_on():
+    # The Reshape after the captured tensor fails at run time (6 elements into 4): capturing
+    # "hidden" must not run it.
+    nodes = [helper.make_node("Relu", ["x"], ["hidden"]),
+             helper.make_node("Reshape", ["hidden", "bad_shape"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [helper.make_tensor("bad_shape", TensorProto.INT64, [2], [2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = np.array([[-1, 2, -3], [4, -5, 6]], np.float32)
+    got = {}
+    assert capture(model, ["hidden"], [{"x": x}], lambda name, value: got.setdefault(name, value)) == []
+    np.testing.assert_array_equal(got["hidden"], np.maximum(x, 0))

@@ -292,7 +292,9 @@ class LowRankPass(Pass):
     def ranks_by_vbmf(self, layer: Layer) -> Ranks:
         raise NotImplementedError
 
-    def factorize(self, layer: Layer, ranks: Ranks) -> list[Step]:
+    def factorize(self, layer: Layer, ranks: Ranks, responses: np.ndarray | None = None) -> list[Step]:
+        """The chain for ``ranks``. ``responses``: the layer's outputs on calibration data (N, T);
+        decompositions with an output-channel factor take its subspace from them."""
         raise NotImplementedError
 
     def compose(self, layer: Layer, steps: list[Step]) -> np.ndarray:
@@ -395,8 +397,13 @@ class Svd(LowRankPass):
     def ranks_by_vbmf(self, layer):
         return (M.vbmf_rank(self._matrix(layer)),)
 
-    def factorize(self, layer, ranks):
-        second, first = M.svd_factors(self._matrix(layer), ranks[0])
+    def factorize(self, layer, ranks, responses=None):
+        matrix = self._matrix(layer)
+        if enough_responses(responses, ranks[0]):
+            basis = response_basis(responses, ranks[0])
+            second, first = basis, basis.T @ matrix
+        else:
+            second, first = M.svd_factors(matrix, ranks[0])
         if layer.kind != "conv":
             return [matrix_step(first), matrix_step(second, layer.bias)]
         a = layer.conv_attrs()
@@ -427,7 +434,7 @@ class SpatialSvd(LowRankPass):
         t, c, kh, kw = layer.weight.shape
         return (M.vbmf_rank(layer.weight.transpose(1, 2, 0, 3).reshape(c * kh, t * kw)),)
 
-    def factorize(self, layer, ranks):
+    def factorize(self, layer, ranks, responses=None):
         vertical, horizontal = M.spatial_svd(layer.weight, ranks[0])
         v_attrs, h_attrs = _split_conv_attrs(layer)
         return [conv_step(vertical, None, **v_attrs), conv_step(horizontal, layer.bias, **h_attrs)]
@@ -459,8 +466,19 @@ class Tucker2(LowRankPass):
     def ranks_by_vbmf(self, layer):
         return tuple(M.vbmf_rank(unfolding) for unfolding in _channel_unfoldings(layer))
 
-    def factorize(self, layer, ranks):
-        first, core, last = M.tucker2(layer.weight, ranks[0], ranks[1])
+    def factorize(self, layer, ranks, responses=None):
+        if enough_responses(responses, ranks[1]):
+            # Output mode from the data (response_basis), input mode from the projected kernel:
+            # the leading left singular vectors of its (C, r_out·kh·kw) unfolding.
+            basis = response_basis(responses, ranks[1])  # (T, r_out)
+            projected = np.einsum("tcyx,to->ocyx", layer.weight.astype(np.float64), basis)
+            c = projected.shape[1]
+            u, _, _ = np.linalg.svd(np.moveaxis(projected, 1, 0).reshape(c, -1), full_matrices=False)
+            u_in = u[:, :ranks[0]]  # (C, r_in)
+            core = np.einsum("ocyx,ci->oiyx", projected, u_in)
+            first, last = u_in.T[:, :, None, None], basis[:, :, None, None]
+        else:
+            first, core, last = M.tucker2(layer.weight, ranks[0], ranks[1])
         a = layer.conv_attrs()
         return [conv_step(first), conv_step(core, None, a["strides"], a["pads"], a["dilations"]),
                 conv_step(last, layer.bias)]
@@ -494,7 +512,7 @@ class Cp(LowRankPass):
     def ranks_by_vbmf(self, layer):
         return (max(M.vbmf_rank(unfolding) for unfolding in _channel_unfoldings(layer)),)
 
-    def factorize(self, layer, ranks):
+    def factorize(self, layer, ranks, responses=None):
         if ranks[0] >= self.full_ranks(layer)[0]:
             first, vertical, horizontal, last = _exact_cp(layer.weight)
         else:
@@ -508,6 +526,25 @@ class Cp(LowRankPass):
         first, vertical, horizontal, last = (s.weight for s in steps)
         return np.einsum("rc,ry,rx,tr->tcyx", first[:, :, 0, 0], vertical[:, 0, :, 0], horizontal[:, 0, 0, :],
                          last[:, :, 0, 0]).astype(np.float32)
+
+
+def enough_responses(responses: np.ndarray | None, rank: int) -> bool:
+    """Enough output samples to estimate ``rank`` principal directions (4 per direction): a
+    classifier head sees one row per image, too few to replace its weights' own SVD."""
+    return responses is not None and len(responses) >= 4 * rank
+
+
+def response_basis(responses: np.ndarray, rank: int) -> np.ndarray:
+    """Orthonormal (T, r) basis of the r leading principal directions of a layer's outputs.
+
+    Zhang et al. 2015 (§3.1, linear case): the rank-r W' minimizing E‖W·x − W'·x‖² over the
+    data is U·Uᵀ·W, U the leading eigenvectors of the (centered) response covariance: outputs
+    are approximated where they vary, not where the weights are large. The mean goes to the
+    bias through the refit."""
+    y = responses.astype(np.float64)
+    y = y - y.mean(axis=0)
+    _, vectors = np.linalg.eigh(y.T @ y)  # ascending
+    return np.ascontiguousarray(vectors[:, ::-1][:, :rank])
 
 
 def _exact_cp(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

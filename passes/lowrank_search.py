@@ -69,21 +69,22 @@ def _decompose(pass_: LowRankPass, graph: gs.Graph, ctx) -> PassResult:
         return PassResult(False, notes=notes + ["no layer to decompose"])
 
     judge = Worth(pass_, ctx, notes)
+    # With refinement the layers' outputs on the calibration data are sampled once up front: they
+    # are the refit's targets and give svd/tucker2 their output subspace (lowrank.response_basis).
+    targets = Targets(graph, ctx, candidates, feeds, opt) if opt.refine else None
     if pass_.explicit_ranks(candidates[0]) is not None:
         chosen = []
         for layer in ctx.progress(candidates, f"{pass_.name}: factorizing", len(candidates)):
             ranks = pass_.explicit_ranks(layer)
-            steps = pass_.factorize(layer, ranks)
+            steps = pass_.factorize(layer, ranks, _responses(targets, layer))
             [ok] = judge.keep(layer, [steps])
             if ok:
                 chosen.append(Choice(layer, ranks, steps))
-        targets = Targets(graph, ctx, [c.layer for c in chosen], feeds, opt) if opt.refine and chosen else None
     else:
         tolerance = dict(ctx.tolerance) or default_budget(opt.accuracy)
         if not tolerance:
             raise UserInputError(f"{pass_.name}: no ranks given and no accuracy budget to search them by.",
                                  "pass --tolerance (e.g. cosine=0.999), or rank=, energy= or method=vbmf.")
-        targets = Targets(graph, ctx, candidates, feeds, opt) if opt.refine else None
         chosen = search(pass_, graph, ctx, candidates, judge, feeds, tolerance, targets, notes)
 
     if not chosen:
@@ -243,7 +244,8 @@ def search(pass_: LowRankPass, graph: gs.Graph, ctx, candidates: list[Layer], ju
         if layer.name not in samples.layers or not samples.patches[layer.name]:
             notes.append(f"{layer.name}: not observable on the calibration data; left as it is")
             continue
-        options = [(ranks, pass_.factorize(layer, ranks)) for ranks in pass_.ladder(layer)]
+        responses = _responses(targets, layer)
+        options = [(ranks, pass_.factorize(layer, ranks, responses)) for ranks in pass_.ladder(layer)]
         savings = judge.savings(layer, [steps for _, steps in options])
         patches = np.concatenate(list(samples.patches[layer.name].values()))
         menu = [Choice(layer, ranks, steps, saving, layer_error(layer, pass_.compose(layer, steps), patches))
@@ -302,6 +304,12 @@ def _longest_prefix(low: int, high: int, evaluate, max_probes: int | None = None
 
 def _copy_step(step: Step) -> Step:
     return Step(step.op, step.weight, step.bias, dict(step.attrs))
+
+
+def _responses(targets: Targets | None, layer: Layer) -> np.ndarray | None:
+    if targets is None or not targets.outputs.get(layer.name):
+        return None
+    return np.concatenate(list(targets.outputs[layer.name].values()))
 
 
 def _with_positions(opt, positions: int):

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxopt import graph as G
+from onnxopt import lowrank_math as M
 from onnxopt.activations import capture, conv_patches, rows_at, sample_positions
 from onnxopt.blas import one_blas_thread
 from onnxopt.errors import UserInputError
@@ -410,7 +411,8 @@ def _last_step_rows(step: Step, z: np.ndarray, positions: tuple) -> np.ndarray:
 
 
 class _GramSums:
-    """Normal equations of the refit y ≈ W̃·[z; 1], streamed: Σ z̃ z̃ᵀ, Σ z̃ yᵀ and Σ‖y‖² in float64."""
+    """Σ z zᵀ, Σ z yᵀ, Σ z, Σ y, Σ‖y‖² and the count in float64: the refit's normal equations
+    (lowrank_math.gram_refit), streamed one calibration feed at a time."""
 
     # Ridge relative to the mean diagonal of the Gram matrix: sampled positions of one image are
     # correlated, and a near-singular fit would amplify the next layers' input shift.
@@ -418,38 +420,37 @@ class _GramSums:
 
     def __init__(self):
         self.count = 0
-        self.gram = self.cross = None
+        self.gram = self.cross = self.sum_z = self.sum_y = None
         self.y_energy = 0.0
 
     def add(self, z: np.ndarray, y: np.ndarray) -> None:
-        z = np.concatenate([z.astype(np.float64), np.ones((z.shape[0], 1))], axis=1)
-        y = y.astype(np.float64)
+        z, y = z.astype(np.float64), y.astype(np.float64)
         if self.gram is None:
-            self.gram = np.zeros((z.shape[1], z.shape[1]))
-            self.cross = np.zeros((z.shape[1], y.shape[1]))
+            self.gram, self.cross = np.zeros((z.shape[1], z.shape[1])), np.zeros((z.shape[1], y.shape[1]))
+            self.sum_z, self.sum_y = np.zeros(z.shape[1]), np.zeros(y.shape[1])
         self.gram += z.T @ z
         self.cross += z.T @ y
+        self.sum_z += z.sum(0)
+        self.sum_y += y.sum(0)
         self.y_energy += float((y * y).sum())
         self.count += z.shape[0]
 
-    def residual(self, augmented: np.ndarray) -> float:
-        """Σ‖y − W̃ z̃‖² for W̃ (T, r+1), from the sums alone."""
-        return self.y_energy - 2 * float(np.sum(augmented.T * self.cross)) + float(
-            np.sum((augmented @ self.gram) * augmented))
+    def residual(self, weight: np.ndarray, bias: np.ndarray) -> float:
+        """Σ‖y − W·z − b‖² from the sums alone."""
+        return (self.y_energy - 2 * float(np.sum(weight.T * self.cross)) - 2 * float(bias @ self.sum_y)
+                + float(np.sum((weight @ self.gram) * weight)) + 2 * float(bias @ (weight @ self.sum_z))
+                + self.count * float(bias @ bias))
 
     def refit(self, weight: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
         """The least-squares (weight (T, r), bias (T,)), or None when it is not better than the
         given ones on the samples (or there are fewer samples than unknowns)."""
-        if self.gram is None or self.count <= self.gram.shape[0]:
+        if self.gram is None or self.count <= self.gram.shape[0] + 1:
             return None
-        r = self.gram.shape[0] - 1
-        ridge = np.eye(r + 1) * self.RIDGE * np.trace(self.gram[:r, :r]) / max(r, 1)
-        ridge[r, r] = 0.0  # the bias is not shrunk
-        try:
-            solved = np.linalg.solve(self.gram + ridge, self.cross).T  # (T, r+1)
-        except np.linalg.LinAlgError:
-            solved = np.linalg.lstsq(self.gram + ridge, self.cross, rcond=None)[0].T
-        before = np.concatenate([weight, (np.zeros(weight.shape[0]) if bias is None else bias)[:, None]], axis=1)
-        if not np.isfinite(solved).all() or self.residual(solved) >= self.residual(before):
+        new_weight, new_bias = M.gram_refit(self.gram, self.cross, self.sum_z / self.count, self.sum_y / self.count,
+                                            self.count, ridge=self.RIDGE)
+        new_weight, new_bias = new_weight.astype(np.float64), new_bias.astype(np.float64)
+        old_bias = np.zeros(weight.shape[0]) if bias is None else bias.astype(np.float64)
+        if not (np.isfinite(new_weight).all() and np.isfinite(new_bias).all()) or \
+                self.residual(new_weight, new_bias) >= self.residual(weight.astype(np.float64), old_bias):
             return None
-        return solved[:, :r], solved[:, r]
+        return new_weight, new_bias

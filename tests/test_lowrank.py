@@ -170,3 +170,21 @@ def test_greedy_moves_take_the_best_saving_per_error_first():
     moves = greedy_moves({"a": a, "b": b})
     assert [sorted((k, v.ranks) for k, v in m.items()) for m in moves] == [
         [("b", (8,))], [("a", (8,)), ("b", (8,))], [("a", (4,)), ("b", (8,))]]
+
+
+def test_streamed_refit_sums_match_numpy_and_refuse_a_worse_fit():
+    from passes.lowrank_search import _GramSums
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(400, 6)) + 2
+    weight, bias = rng.normal(size=(4, 6)), rng.normal(size=4)
+    y = z @ weight.T + bias + 0.01 * rng.normal(size=(400, 4))
+    sums = _GramSums()
+    for rows in np.array_split(np.arange(400), 5):  # one calibration feed at a time
+        sums.add(z[rows], y[rows])
+    other_w, other_b = weight + 0.1, bias - 0.2
+    assert sums.residual(other_w, other_b) == pytest.approx(((y - z @ other_w.T - other_b) ** 2).sum(), rel=1e-9)
+    fitted_w, fitted_b = sums.refit(np.zeros((4, 6)), None)
+    np.testing.assert_allclose(fitted_w, weight, atol=5e-3)
+    np.testing.assert_allclose(fitted_b, bias, atol=2e-2)
+    assert sums.refit(fitted_w, fitted_b) is None  # nothing fits better than the fit itself: kept as is

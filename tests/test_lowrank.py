@@ -12,7 +12,7 @@ from onnxopt.context import PassContext
 from onnxopt.errors import UserInputError
 from onnxopt.metrics import compare
 from onnxopt.runtime import run_model
-from passes.lowrank_search import Choice, greedy_moves
+from onnxopt.passes.lowrank_search import Choice, greedy_moves
 from tests.util import init, make_model, op_types, vi
 
 # Full rank, no timing and no MACs limit: the decomposition must reproduce the layer.
@@ -173,7 +173,7 @@ def test_greedy_moves_take_the_best_saving_per_error_first():
 
 
 def test_streamed_refit_sums_match_numpy_and_refuse_a_worse_fit():
-    from passes.lowrank_search import _GramSums
+    from onnxopt.passes.lowrank_search import _GramSums
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(400, 6)) + 2

@@ -320,32 +320,29 @@ def _with_positions(opt, positions: int):
 
 
 def greedy_moves(menus: dict[str, list[Choice]]) -> list[dict[str, Choice]]:
-    """Configurations (layer → choice) in the order a greedy allocator reaches them: each move
-    takes, over all layers, the step to a faster option with the most saving per unit of added
-    error (a layer may jump past options that buy less). Saving 0 (not timed) counts as the
-    MACs' order: options are then ranked by error alone, cheapest rank last."""
+    """Configurations (layer → choice) in the order a greedy allocator reaches them, in small
+    steps: a layer's next step is its next option by error that saves more than its current
+    one (options with more error and no more saving are dominated and skipped); each move takes,
+    over all layers, the step with the most saving per unit of added error. Small steps keep
+    the prefixes fine-grained for the tolerance search: jumping straight to the option with the
+    best ratio from the start would often be the most aggressive rank."""
+    menus = {name: sorted(menu, key=lambda c: (c.error, -c.saving_s)) for name, menu in menus.items()}
     current: dict[str, Choice] = {}
     sequence: list[dict[str, Choice]] = []
-    menus = {name: sorted(menu, key=lambda c: (c.saving_s, -c.error)) for name, menu in menus.items()}
-    position = {name: -1 for name in menus}
     while True:
-        best_name, best_index, best_value = None, -1, -np.inf
+        best_name, best_option, best_value = None, None, -np.inf
         for name, menu in menus.items():
-            here = menu[position[name]] if position[name] >= 0 else None
-            saving0 = here.saving_s if here else 0.0
-            error0 = here.error if here else 0.0
-            for index in range(position[name] + 1, len(menu)):
-                option = menu[index]
-                gain = option.saving_s - saving0
-                cost = max(option.error - error0, 1e-9)
-                value = gain / cost if gain > 0 else -cost
-                if value > best_value:
-                    best_name, best_index, best_value = name, index, value
+            here = current.get(name)
+            saving0, error0 = (here.saving_s, here.error) if here else (0.0, 0.0)
+            step = next((c for c in menu if c.error >= error0 and c.saving_s > saving0 and c is not here), None)
+            if step is None:
+                continue
+            value = (step.saving_s - saving0) / max(step.error - error0, 1e-9)
+            if value > best_value:
+                best_name, best_option, best_value = name, step, value
         if best_name is None:
             return sequence
-        position[best_name] = best_index
-        current = dict(current)
-        current[best_name] = menus[best_name][best_index]
+        current = {**current, best_name: best_option}
         sequence.append(current)
 
 

@@ -188,3 +188,11 @@ def test_streamed_refit_sums_match_numpy_and_refuse_a_worse_fit():
     np.testing.assert_allclose(fitted_w, weight, atol=5e-3)
     np.testing.assert_allclose(fitted_b, bias, atol=2e-2)
     assert sums.refit(fitted_w, fitted_b) is None  # nothing fits better than the fit itself: kept as is
+
+
+def test_greedy_moves_step_through_ranks_instead_of_jumping_to_the_most_aggressive():
+    # From the start, rank 2 has the better saving/error ratio (3.0 vs 2.0), but the search needs
+    # the milder rank 8 as a prefix of its own; an option with more error and no more saving is skipped.
+    menu = [Choice(None, (2,), [], saving_s=3.0, error=1.0), Choice(None, (8,), [], saving_s=1.0, error=0.5),
+            Choice(None, (6,), [], saving_s=0.9, error=0.7)]
+    assert [m["a"].ranks for m in greedy_moves({"a": menu})] == [(8,), (2,)]

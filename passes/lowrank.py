@@ -176,15 +176,20 @@ def original_steps(layer: Layer) -> list[Step]:
     return [matrix_step(layer.weight, layer.bias)]
 
 
-def rewrite(graph: gs.Graph, layer: Layer, steps: list[Step], names: G.NameAllocator) -> list[gs.Node]:
-    """Replace ``layer``'s node by ``steps``; the last step writes the layer's output tensor."""
+def rewrite(graph: gs.Graph, layer: Layer, steps: list[Step], names: G.NameAllocator,
+            beside: bool = False) -> list[gs.Node]:
+    """Replace ``layer``'s node by ``steps``; the last step writes the layer's output tensor.
+    ``beside``: keep the node and add the chain next to it, on the same input, writing a new
+    tensor (refinement observes both from one run)."""
     node = layer.node
-    x, y = layer.x, layer.y
+    x = layer.x
+    y = gs.Variable(names(f"{node.name}_lowrank"), dtype=np.float32) if beside else layer.y
     if layer.kind == "gemm" and int(G.attr(node, "transA", 0)):
         xt = gs.Variable(names(f"{node.name}_xT"), dtype=x.dtype)
         graph.nodes.append(gs.Node("Transpose", names(f"{node.name}_transpose"), {"perm": [1, 0]}, [x], [xt]))
         x = xt
-    G.remove_nodes(graph, [node])
+    if not beside:
+        G.remove_nodes(graph, [node])
     current, new_nodes = x, []
     for index, step in enumerate(steps):
         last = index == len(steps) - 1
@@ -269,6 +274,8 @@ class LowRankPass(Pass):
         energy: float = 0.0  # share of squared singular values kept, in (0, 1]; 0: not set
         method: Literal["search", "vbmf"] = "search"  # with neither rank nor energy
         refine: bool = True  # refit the last factor on calibration activations (Zhang et al. 2015)
+        # joint: one capture run; sequential: one per layer, later layers absorb earlier errors
+        refine_order: Literal["joint", "sequential"] = "joint"
         max_macs: float = 0.8  # a decomposition must cut the layer's MACs at least to this share
         measure: bool = True  # cpu: time each layer against its decomposition in onnxruntime
         min_speedup: float = 1.1  # ... and keep it only when at least this much faster

@@ -91,7 +91,7 @@ def _decompose(pass_: LowRankPass, graph: gs.Graph, ctx) -> PassResult:
     if not chosen:
         return PassResult(False, notes=notes + ["no decomposition was worth applying"])
     if targets is not None:
-        refine(graph, ctx, chosen, targets, feeds, notes)
+        refine(graph, ctx, chosen, targets, feeds, notes, opt.refine_order)
     names = G.NameAllocator(graph)
     macs_before = macs_after = params_before = params_after = 0
     for choice in chosen:
@@ -262,7 +262,7 @@ def search(pass_: LowRankPass, graph: gs.Graph, ctx, candidates: list[Layer], ju
     def evaluate(prefix: int, refined: bool) -> tuple[bool, dict]:
         chosen = [Choice(c.layer, c.ranks, [_copy_step(s) for s in c.steps]) for c in moves[prefix - 1].values()]
         if refined:
-            refine(graph, ctx, chosen, targets, feeds, [])
+            refine(graph, ctx, chosen, targets, feeds, [], "joint")
         trial = graph.copy()
         names = G.NameAllocator(trial)
         for choice in chosen:
@@ -353,50 +353,62 @@ def _same_layer(graph: gs.Graph, layer: Layer) -> Layer:
 
 
 # ---------------------------------------------------------------------- refinement
-def refine(graph: gs.Graph, ctx, chosen: list[Choice], targets: Targets, feeds: list, notes: list[str]
-           ) -> list[Choice]:
-    """Refit each chosen layer's last factor (and bias) on the calibration data, one layer at a
-    time in graph order, each fed by the decomposed model with the layers before it already
-    refit (Zhang et al. 2015 §3.3: the layers are reconstructed sequentially, so errors do not
-    accumulate). Refitting all layers from one sweep let their changes compound: VGG-16's
-    logits grew to 1e10. A refit that does not lower the layer's residual on the samples is
-    dropped. The choices are updated in place and returned; ``graph`` is not changed."""
-    order = {node.name: index for index, node in enumerate(graph.nodes)}
+def refine(graph: gs.Graph, ctx, chosen: list[Choice], targets: Targets, feeds: list, notes: list[str],
+           order: str = "joint") -> list[Choice]:
+    """Refit each chosen layer's last factor (and bias) on the calibration data so it reproduces
+    the original layer's outputs (Zhang et al. 2015). The choices are updated in place and
+    returned; ``graph`` is not changed. A refit that does not lower the layer's residual on the
+    samples is dropped.
+
+    * ``joint``: one run of the original model with every chain added *beside* its layer, so
+      each refit sees the exact inputs; the layers' remaining errors add up as in plain
+      truncation, each smaller.
+    * ``sequential``: one layer at a time in graph order, each fed by the decomposed model with
+      the layers before it already refit, so later layers also absorb earlier errors (Zhang et
+      al.'s asymmetric reconstruction, §3.3): better, one capture sweep per layer. Refitting
+      all layers from one sweep of the *decomposed* model instead let the changes compound
+      (VGG-16's logits grew to 1e10), hence the two honest choices."""
+    by_order = {node.name: index for index, node in enumerate(graph.nodes)}
     refinable = sorted((c for c in chosen if c.layer.name in targets.layers and targets.outputs[c.layer.name]),
-                       key=lambda c: order.get(c.layer.name, 0))
+                       key=lambda c: by_order.get(c.layer.name, 0))
+    rounds = [refinable] if order == "joint" else [[c] for c in refinable]
     refit = 0
-    for choice in refinable:
+    for group in rounds:
         trial = graph.copy()
         names = G.NameAllocator(trial)
-        z_name = None
-        for other in chosen:
-            new_nodes = rewrite(trial, _same_layer(trial, other.layer), other.steps, names)
-            if other is choice:
-                z_name = next(n for n in reversed(new_nodes) if n.op in ("Conv", "MatMul")).inputs[0].name
+        observed: dict[str, Choice] = {}  # input tensor of a chain's last step → its layer
+        for other in (group if order == "joint" else chosen):
+            new_nodes = rewrite(trial, _same_layer(trial, other.layer), other.steps, names, beside=order == "joint")
+            if other in group:
+                observed[next(n for n in reversed(new_nodes) if n.op in ("Conv", "MatMul")).inputs[0].name] = other
+            if order == "joint":
+                trial.outputs.append(new_nodes[-1].outputs[0])  # or cleanup drops the chain beside the layer
         trial.cleanup().toposort()
-        layer, last = choice.layer, choice.steps[-1]
-        sums = _GramSums()
-        seen = [0]
+        sums = {name: _GramSums() for name in observed}
+        seen: dict[str, int] = {}
 
         def consume(name: str, value: np.ndarray) -> None:
-            feed = seen[0]
-            seen[0] += 1
+            feed = seen.get(name, 0)
+            seen[name] = feed + 1
+            layer = observed[name].layer
             target = targets.outputs[layer.name].get(feed)
             if target is not None:
                 positions = targets.positions(layer, feed, targets.output_shapes[layer.name][feed])
-                sums.add(_last_step_rows(last, value, positions), target)
+                sums[name].add(_last_step_rows(observed[name].steps[-1], value, positions), target)
 
-        capture(G.export_model(trial, ctx.template), [z_name], feeds, consume)
-        current = last.weight.reshape(last.weight.shape[0], -1) if last.op == "Conv" else last.weight.T
-        solved = sums.refit(current, last.bias)
-        if solved is None:
-            continue
-        weight, bias = solved
-        last.weight = (weight.reshape(last.weight.shape) if last.op == "Conv" else weight.T).astype(np.float32)
-        last.weight = np.ascontiguousarray(last.weight)
-        last.bias = bias.astype(np.float32)
-        refit += 1
-    notes.append(f"refined {refit} of {len(refinable)} layer(s) on {len(feeds)} calibration feed(s)")
+        capture(G.export_model(trial, ctx.template), list(observed), feeds, consume)
+        for name, choice in observed.items():
+            last = choice.steps[-1]
+            current = last.weight.reshape(last.weight.shape[0], -1) if last.op == "Conv" else last.weight.T
+            solved = sums[name].refit(current, last.bias)
+            if solved is None:
+                continue
+            weight, bias = solved
+            last.weight = np.ascontiguousarray((weight.reshape(last.weight.shape) if last.op == "Conv" else weight.T),
+                                               dtype=np.float32)
+            last.bias = bias.astype(np.float32)
+            refit += 1
+    notes.append(f"refined {refit} of {len(refinable)} layer(s) ({order}) on {len(feeds)} calibration feed(s)")
     return chosen
 
 

@@ -54,7 +54,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python tools/bench_lossless.py` as well as `-m tools.bench_lossless`
     sys.path.insert(0, str(REPO))
 
-from tools.realmodels import REAL_MODELS, RealModelUnavailable, count_nodes, real_model_path  # noqa: E402
+from tools.realmodels import (  # noqa: E402
+    REAL_MODELS, RealModelUnavailable, count_nodes, real_model_path, unknown_models_error)
 
 BUILDER_MODELS = ("resnet50", "mobilenetv2", "inception")
 TOOLS = ("onnxopt", "onnxsim", "onnxslim", "onnxoptimizer")
@@ -406,14 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (10 if args.quick else 30)
     names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models else \
         list(BUILDER_MODELS) + list(REAL_MODELS)
-    try:
-        from models.zoo import BUILDERS
-    except ImportError:
-        BUILDERS = {}
-    unknown = [n for n in names if n not in REAL_MODELS and n not in BUILDERS]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}; use real models ({', '.join(REAL_MODELS)}) "
-              f"or models/zoo.py builders ({', '.join(BUILDERS) or 'models/zoo.py not found'}).", file=sys.stderr)
+    error = unknown_models_error(names)
+    if error:
+        print(error, file=sys.stderr)
         return 2
 
     def log(msg: str) -> None:

@@ -87,7 +87,8 @@ from tools.bench_lossless import (  # noqa: E402  (same timing and memory method
     _session,
     paired_ratio,
 )
-from tools.realmodels import REAL_MODELS, RealModel, RealModelUnavailable, real_model_path  # noqa: E402
+from tools.realmodels import (  # noqa: E402
+    REAL_MODELS, RealModel, RealModelUnavailable, real_model_path, unknown_models_error)
 
 Feed = dict[str, np.ndarray]
 
@@ -837,6 +838,31 @@ def _parse_list(text: str | None, default: tuple[str, ...], aliases: dict[str, t
     return out
 
 
+def run_cases(names: list[str], quick: bool, prefix: str, log, bench_one, error_row) -> tuple[list, list[str]]:
+    """For each model: its Case (in a temp folder emptied between models), then
+    ``bench_one(case, folder) -> rows``; a model that cannot be had or fails becomes
+    ``error_row(name, text)``. Returns the rows and one data line per model."""
+    rows: list = []
+    data_lines: list[str] = []
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        folder = Path(tmp)
+        for name in names:
+            log(f"{name}:")
+            try:
+                case = make_case(name, folder, quick=quick)
+                data_lines.append(f"  {name:{max(12, *map(len, names))}s} {case.data}")
+                rows += bench_one(case, folder)
+            except RealModelUnavailable as exc:
+                rows.append(error_row(name, f"model unavailable: {exc}"))
+            except Exception as exc:
+                traceback.print_exc()
+                rows.append(error_row(name, _describe(exc)))
+            for f in folder.iterdir():  # keep the temp folder small between models
+                if f.is_file():
+                    f.unlink()
+    return rows, data_lines
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -860,14 +886,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = args.runs or (10 if args.quick else 30)
     names = _parse_list(args.models, DEFAULT_MODELS, {"images": DEFAULT_MODELS, "silero": AUDIO_MODELS})
     variants = _parse_list(args.variants, VARIANTS, {"onnxopt:*": tuple(ONNXOPT_VARIANTS)})
-    try:
-        from models.zoo import BUILDERS
-    except ImportError:
-        BUILDERS = {}
-    unknown = [n for n in names if n not in REAL_MODELS and n not in BUILDERS]
-    if unknown:
-        print(f"error: unknown model(s) {', '.join(unknown)}. Fix: use real models ({', '.join(REAL_MODELS)}) "
-              f"or models/zoo.py builders ({', '.join(BUILDERS) or 'models/zoo.py not found'}).", file=sys.stderr)
+    error = unknown_models_error(names)
+    if error:
+        print(error, file=sys.stderr)
         return 2
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
@@ -880,25 +901,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    all_rows: list[Row] = []
-    data_lines: list[str] = []
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="bench_qdq_") as tmp:
-        folder = Path(tmp)
-        for name in names:
-            log(f"{name}:")
-            try:
-                case = make_case(name, folder, quick=args.quick)
-                data_lines.append(f"  {name:{max(12, *map(len, names))}s} {case.data}")
-                all_rows += bench_case(case, variants, runs, folder, args.timeout, log)
-            except RealModelUnavailable as exc:
-                all_rows.append(Row(name, "(all)", error=f"model unavailable: {exc}"))
-            except Exception as exc:
-                traceback.print_exc()
-                all_rows.append(Row(name, "(all)", error=_describe(exc)))
-            for f in folder.iterdir():  # keep the temp folder small between models
-                if f.is_file():
-                    f.unlink()
+    all_rows, data_lines = run_cases(names, args.quick, "bench_qdq_", log,
+                                     lambda case, folder: bench_case(case, variants, runs, folder, args.timeout, log),
+                                     lambda name, text: Row(name, "(all)", error=text))
     print(f"int8: onnxopt vs onnxruntime quantize_static (QDQ, per-channel, U8 act / S8 weights, MinMax, after "
           f"quant_pre_process); onnxruntime {ort.__version__} CPU, ALL optimizations, 1 thread, "
           f"median of {runs} interleaved rounds.")

@@ -344,3 +344,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def unknown_models_error(names: list[str]) -> str | None:
+    """The one-line error for model names that are neither real models nor models/zoo.py
+    builders (None when all are known); the benches print it and exit 2."""
+    try:
+        from models.zoo import BUILDERS
+    except ImportError:
+        BUILDERS = {}
+    unknown = [n for n in names if n not in REAL_MODELS and n not in BUILDERS]
+    if not unknown:
+        return None
+    return (f"error: unknown model(s) {', '.join(unknown)}. Fix: use real models ({', '.join(REAL_MODELS)}) "
+            f"or models/zoo.py builders ({', '.join(BUILDERS) or 'models/zoo.py not found'}).")

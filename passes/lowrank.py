@@ -448,7 +448,9 @@ class SpatialSvd(LowRankPass):
 
     def compose(self, layer, steps):
         vertical, horizontal = steps[0].weight, steps[1].weight  # (r, C, kh, 1), (T, r, 1, kw)
-        return np.einsum("rcy,trx->tcyx", vertical[..., 0], horizontal[:, :, 0, :]).astype(np.float32)
+        # W[t,c,y,x] = Σ_r H[t,r,x]·V[r,c,y], as one GEMM (tensordot; a plain einsum loops in C)
+        return np.tensordot(horizontal[:, :, 0, :], vertical[..., 0], axes=(1, 0)).transpose(0, 2, 3, 1).astype(
+            np.float32)
 
 
 @register_pass
@@ -478,11 +480,11 @@ class Tucker2(LowRankPass):
             # Output mode from the data (response_basis), input mode from the projected kernel:
             # the leading left singular vectors of its (C, r_out·kh·kw) unfolding.
             basis = response_basis(responses, ranks[1])  # (T, r_out)
-            projected = np.einsum("tcyx,to->ocyx", layer.weight.astype(np.float64), basis)
+            projected = np.tensordot(basis.T, layer.weight.astype(np.float64), axes=(1, 0))  # (r_out, C, kh, kw)
             c = projected.shape[1]
             u, _, _ = np.linalg.svd(np.moveaxis(projected, 1, 0).reshape(c, -1), full_matrices=False)
             u_in = u[:, :ranks[0]]  # (C, r_in)
-            core = np.einsum("ocyx,ci->oiyx", projected, u_in)
+            core = np.tensordot(projected, u_in, axes=(1, 0)).transpose(0, 3, 1, 2)  # (r_out, r_in, kh, kw)
             first, last = u_in.T[:, :, None, None], basis[:, :, None, None]
         else:
             first, core, last = M.tucker2(layer.weight, ranks[0], ranks[1])
@@ -492,7 +494,8 @@ class Tucker2(LowRankPass):
 
     def compose(self, layer, steps):
         first, core, last = (s.weight for s in steps)
-        return np.einsum("ic,oiyx,to->tcyx", first[:, :, 0, 0], core, last[:, :, 0, 0]).astype(np.float32)
+        by_input = np.tensordot(core, first[:, :, 0, 0], axes=(1, 0))  # (r_out, kh, kw, C)
+        return np.tensordot(last[:, :, 0, 0], by_input, axes=(1, 0)).transpose(0, 3, 1, 2).astype(np.float32)
 
 
 @register_pass
@@ -531,8 +534,9 @@ class Cp(LowRankPass):
 
     def compose(self, layer, steps):
         first, vertical, horizontal, last = (s.weight for s in steps)
-        return np.einsum("rc,ry,rx,tr->tcyx", first[:, :, 0, 0], vertical[:, 0, :, 0], horizontal[:, 0, 0, :],
-                         last[:, :, 0, 0]).astype(np.float32)
+        taps = vertical[:, 0, :, 0][:, :, None] * horizontal[:, 0, 0, :][:, None, :]  # (r, kh, kw)
+        terms = first[:, :, 0, 0][:, :, None, None] * taps[:, None]  # (r, C, kh, kw)
+        return np.tensordot(last[:, :, 0, 0], terms, axes=(1, 0)).astype(np.float32)
 
 
 def enough_responses(responses: np.ndarray | None, rank: int) -> bool:

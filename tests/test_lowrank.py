@@ -196,3 +196,20 @@ def test_greedy_moves_step_through_ranks_instead_of_jumping_to_the_most_aggressi
     menu = [Choice(None, (2,), [], saving_s=3.0, error=1.0), Choice(None, (8,), [], saving_s=1.0, error=0.5),
             Choice(None, (6,), [], saving_s=0.9, error=0.7)]
     assert [m["a"].ranks for m in greedy_moves({"a": menu})] == [(8,), (2,)]
+
+
+@pytest.mark.parametrize("pass_name", ["tucker2", "cp", "spatial-svd"])
+def test_compose_gives_back_the_kernel_the_chain_computes(pass_name):
+    # The search scores ranks by compose(factorize(...)); at full rank that must be the kernel.
+    from onnxopt.graph import import_model
+    from onnxopt.passes.lowrank import find_layers
+    from onnxopt.registry import get_pass
+
+    graph = import_model(_conv_model())
+    [layer], _ = find_layers(graph, {})
+    decomposition = get_pass(pass_name)()
+    steps = decomposition.factorize(layer, decomposition.full_ranks(layer))
+    np.testing.assert_allclose(decomposition.compose(layer, steps), layer.weight, atol=1e-5)
+    responses = np.random.default_rng(0).normal(size=(200, layer.weight.shape[0]))
+    steps = decomposition.factorize(layer, decomposition.full_ranks(layer), responses)
+    np.testing.assert_allclose(decomposition.compose(layer, steps), layer.weight, atol=1e-5)

@@ -51,7 +51,6 @@ class Layer:
     weight: np.ndarray
     bias: np.ndarray | None  # Conv bias, or Gemm's beta·C (broadcast over rows)
     in_shape: tuple[int, ...] | None = None
-    out_shape: tuple[int, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -70,20 +69,17 @@ class Layer:
         return {"strides": list(G.attr(n, "strides", [1, 1])), "pads": list(G.attr(n, "pads", [0, 0, 0, 0])),
                 "dilations": list(G.attr(n, "dilations", [1, 1]))}
 
-    def positions_in(self) -> int:
-        """Input positions (N·H·W, or rows of a matrix input); from shapes, 1 when unknown."""
-        return _positions(self.in_shape)
-
-    def positions_out(self) -> int:
-        return _positions(self.out_shape)
+    def input_rows(self) -> int:
+        """Rows a matrix layer multiplies (the input's leading dims); 1 when unknown."""
+        shape = self.in_shape
+        return int(np.prod(shape[:-1])) if shape and len(shape) > 1 else 1
 
 
-def _positions(shape) -> int:
-    if not shape:
-        return 1
-    if len(shape) == 4:
-        return int(shape[0] * shape[2] * shape[3])
-    return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+def conv_output_hw(hw: tuple[int, int], kernel: tuple[int, int], attrs: dict) -> tuple[int, int]:
+    """ONNX Conv output height and width for an input of ``hw`` (explicit pads)."""
+    p = attrs["pads"]
+    return tuple((size + p[i] + p[i + 2] - attrs["dilations"][i] * (kernel[i] - 1) - 1) // attrs["strides"][i] + 1
+                 for i, size in enumerate(hw))
 
 
 def find_layers(graph: gs.Graph, types: dict) -> tuple[list[Layer], list[str]]:
@@ -97,9 +93,7 @@ def find_layers(graph: gs.Graph, types: dict) -> tuple[list[Layer], list[str]]:
             if reason:
                 notes.append(f"{node.name}: {reason}")
             continue
-        for attr_name, tensor in (("in_shape", layer.x), ("out_shape", layer.y)):
-            dims = G.static_shape(tensor) or _static(types.get(tensor.name))
-            setattr(layer, attr_name, dims)
+        layer.in_shape = G.static_shape(layer.x) or _static(types.get(layer.x.name))
         layers.append(layer)
     return layers, notes
 
@@ -238,22 +232,15 @@ def standalone(steps: list[Step], in_shape: tuple[int, ...], opset: int = 13) ->
 def chain_macs(layer: Layer, steps: list[Step]) -> int:
     """Multiply-accumulates of ``steps`` on the layer's input (per model run)."""
     if layer.kind != "conv":
-        rows = layer.positions_in()
+        rows = layer.input_rows()
         return int(sum(rows * s.weight.shape[0] * s.weight.shape[1] for s in steps))
-    if not layer.in_shape or len(layer.in_shape) != 4:
-        h, w = 1, 1
-    else:
-        h, w = layer.in_shape[2], layer.in_shape[3]
+    known = layer.in_shape and len(layer.in_shape) == 4
+    hw = (layer.in_shape[2], layer.in_shape[3]) if known else (1, 1)
     n = layer.in_shape[0] if layer.in_shape else 1
     total = 0
     for s in steps:
-        kh, kw = s.weight.shape[2:]
-        sh, sw = s.attrs["strides"]
-        dh, dw = s.attrs["dilations"]
-        p = s.attrs["pads"]
-        h = (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1
-        w = (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1
-        total += M.conv_flops(s.weight.shape, (h, w), s.attrs.get("group", 1)) * n
+        hw = conv_output_hw(hw, s.weight.shape[2:], s.attrs)
+        total += M.conv_flops(s.weight.shape, hw, s.attrs.get("group", 1)) * n
     return int(total)
 
 

@@ -30,7 +30,8 @@ from onnxopt.errors import UserInputError
 from onnxopt.pass_base import PassResult
 from onnxopt.tolerance import ToleranceCheck, default_budget, describe
 
-from .lowrank import Layer, LowRankPass, Step, chain_macs, find_layers, original_steps, rewrite, standalone
+from .lowrank import (Layer, LowRankPass, Step, chain_macs, conv_output_hw, find_layers, original_steps, rewrite,
+                      standalone)
 
 
 # One AVX2 core runs dense float convolutions at about 43 GMAC/s (onnxruntime, 1 thread: ResNet-50 has
@@ -61,7 +62,8 @@ def _decompose(pass_: LowRankPass, graph: gs.Graph, ctx) -> PassResult:
     notes.extend(layer_notes)
     candidates = []
     for layer in layers:
-        reason = "excluded" if layer.name in opt.exclude or layer.node.op in opt.exclude else pass_.reason_to_skip(layer)
+        excluded = layer.name in opt.exclude or layer.node.op in opt.exclude
+        reason = "excluded" if excluded else pass_.reason_to_skip(layer)
         if reason:
             notes.append(f"{layer.name}: {reason}")
         else:
@@ -169,7 +171,8 @@ class Targets:
     of a rank). Positions are a function of (layer, feed number, output shape), so inputs and
     outputs can arrive in any order."""
 
-    def __init__(self, graph: gs.Graph, ctx, layers: list[Layer], feeds: list, opt, with_inputs: bool = False):
+    def __init__(self, graph: gs.Graph, ctx, layers: list[Layer], feeds: list, opt, with_inputs: bool = False,
+                 with_outputs: bool = True):
         self.layers = {layer.name: layer for layer in layers}
         self.count = opt.positions
         self.outputs: dict[str, dict[int, np.ndarray]] = {name: {} for name in self.layers}
@@ -177,7 +180,8 @@ class Targets:
         self.patches: dict[str, dict[int, np.ndarray]] = {name: {} for name in self.layers}
         readers: dict[str, list[tuple[str, Layer]]] = {}
         for layer in layers:
-            readers.setdefault(layer.y.name, []).append(("output", layer))
+            if with_outputs:
+                readers.setdefault(layer.y.name, []).append(("output", layer))
             if with_inputs:
                 readers.setdefault(layer.x.name, []).append(("input", layer))
         seen: dict[str, int] = {}
@@ -209,12 +213,8 @@ def _output_shape(layer: Layer, input_shape: tuple) -> tuple:
         rows = input_shape[:-1] if not (layer.kind == "gemm" and int(G.attr(layer.node, "transA", 0))) \
             else input_shape[::-1][:-1]
         return (*rows, layer.weight.shape[0])
-    a = layer.conv_attrs()
     n, _, h, w = input_shape
-    kh, kw = layer.weight.shape[2:]
-    (sh, sw), (dh, dw), p = a["strides"], a["dilations"], a["pads"]
-    return (n, layer.weight.shape[0], (h + p[0] + p[2] - dh * (kh - 1) - 1) // sh + 1,
-            (w + p[1] + p[3] - dw * (kw - 1) - 1) // sw + 1)
+    return (n, layer.weight.shape[0], *conv_output_hw((h, w), layer.weight.shape[2:], layer.conv_attrs()))
 
 
 def _input_rows(layer: Layer, x: np.ndarray, positions: tuple) -> np.ndarray:
@@ -239,7 +239,7 @@ def layer_error(layer: Layer, approx_weight: np.ndarray, patches: np.ndarray) ->
 def search(pass_: LowRankPass, graph: gs.Graph, ctx, candidates: list[Layer], judge: Worth, feeds: list,
            tolerance: dict, targets: Targets | None, notes: list[str]) -> list[Choice]:
     opt = pass_.options
-    samples = Targets(graph, ctx, candidates, feeds, _with_positions(opt, 64), with_inputs=True)
+    samples = Targets(graph, ctx, candidates, feeds, _with_positions(opt, 64), with_inputs=True, with_outputs=False)
     menus: dict[str, list[Choice]] = {}
     for layer in ctx.progress(candidates, f"{pass_.name}: ranks, speed and error per layer", len(candidates)):
         if layer.name not in samples.layers or not samples.patches[layer.name]:
@@ -349,7 +349,7 @@ def greedy_moves(menus: dict[str, list[Choice]]) -> list[dict[str, Choice]]:
 def _same_layer(graph: gs.Graph, layer: Layer) -> Layer:
     """``layer`` re-pointed at the node of the same name in ``graph`` (a copy)."""
     node = next(n for n in graph.nodes if n.name == layer.name)
-    return Layer(node, layer.kind, layer.weight, layer.bias, layer.in_shape, layer.out_shape)
+    return Layer(node, layer.kind, layer.weight, layer.bias, layer.in_shape)
 
 
 # ---------------------------------------------------------------------- refinement

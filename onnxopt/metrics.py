@@ -68,23 +68,18 @@ def looks_like_class_scores(arr: np.ndarray, name: str = "") -> bool:
     return len(shape) == 1 and shape[0] >= 2
 
 
-def top1_matches(ref: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
-    """(matching, total) argmax over the class axis (axis 1, or 0 for a vector)."""
-    r = np.asarray(ref)
-    c = np.asarray(cand)
-    if r.ndim == 1:
-        return int(r.argmax() == c.argmax()), 1
-    r = r.reshape(r.shape[0], r.shape[1], -1)[:, :, 0] if r.ndim == 4 else r
-    c = c.reshape(c.shape[0], c.shape[1], -1)[:, :, 0] if c.ndim == 4 else c
-    return int((r.argmax(axis=1) == c.argmax(axis=1)).sum()), int(r.shape[0])
-
-
 def class_rows(scores: np.ndarray) -> np.ndarray:
     """Class-score output as (samples, classes) rows (``(N, C, 1, 1)`` and ``(C,)`` included)."""
     a = np.asarray(scores, dtype=np.float64)
     if a.ndim == 1:
         return a[None, :]
     return a.reshape(a.shape[0], a.shape[1], -1)[:, :, 0] if a.ndim == 4 else a
+
+
+def top1_matches(ref: np.ndarray, cand: np.ndarray) -> tuple[int, int]:
+    """(matching, total) argmax over the class axis (axis 1, or 0 for a vector)."""
+    r, c = class_rows(ref), class_rows(cand)
+    return int((r.argmax(axis=1) == c.argmax(axis=1)).sum()), int(r.shape[0])
 
 
 def margin_changes(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -383,6 +383,17 @@ def format_ratios(all_rows: list[Row]) -> str:
 
 
 # ---------------------------------------------------------------- command line
+def print_results(table: str, summary: str, rows: list, started: float, json_path: str | None) -> None:
+    """The end of every bench: the table, its summary, the total time, and the rows as JSON on request."""
+    print()
+    print(table)
+    print()
+    print(summary)
+    print(f"\n(total {time.perf_counter() - started:.0f} s)")
+    if json_path:
+        Path(json_path).write_text(json.dumps([asdict(r) for r in rows], indent=1, default=float))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
@@ -433,13 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     print("nodes: before→after incl. subgraphs, without Constant nodes; peak MB: peak RSS increase during the "
           "call (fresh process per tool); rel L2: worst output vs original on real photos; lat: latency "
           "optimised/original with ORT optimisations all / off; ort-basic: ORT's own basic-level model.")
-    print()
-    print(format_table(all_rows))
-    print()
-    print(format_ratios(all_rows))
-    print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in all_rows], indent=1, default=float))
+    print_results(format_table(all_rows), format_ratios(all_rows), all_rows, t_start, args.json)
     return 0
 
 

@@ -64,13 +64,12 @@ covers a pass that is not registered, a crash, a timeout, and a model that onnxr
 from __future__ import annotations
 
 import argparse
-import json
 import pickle
 import re
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
@@ -79,13 +78,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python tools/bench_lowrank.py` as well as `-m tools.bench_lowrank`
     sys.path.insert(0, str(REPO))
 
-from tools.bench_lossless import _fmt, _interleaved_latencies, _outputs, _session, paired_ratio  # noqa: E402
+from tools.bench_lossless import (  # noqa: E402
+    _fmt, _interleaved_latencies, _outputs, _session, paired_ratio, print_results)
 from tools.bench_qdq import (  # noqa: E402  (cases, worker processes and fidelity checks are bench_qdq's)
     IMAGE_MODELS,
     Case,
     _first_line,
     _model_error,
     _parse_list,
+    _pct,
+    format_rows,
     run_cases,
     run_job,
     worst_cosine,
@@ -318,37 +320,18 @@ def _score(row: Row, case: Case, reference: list, outputs: list) -> None:
 
 
 # ============================================================ reporting
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def _scaled(value: int | None, unit: float, spec: str) -> str:
     return _fmt(None if value is None else value / unit, spec)
 
 
 def format_table(rows: list[Row]) -> str:
-    w = max([12] + [len(r.model) for r in rows])  # model column
-    v = max([22] + [len(r.variant) for r in rows])  # variant column
-    head = (f"{'model':{w}s} {'variant':{v}s} {'layers':>6s} {'GMACs':>7s} {'×':>5s} {'Mparams':>8s} {'×':>5s} "
-            f"{'speed':>6s} {'ms':>8s} {'cosine':>7s} {'top-1':>6s}  {'app':30s} {'lowrank s':>9s} {'peak MB':>8s}")
-    lines = [head, "-" * len(head)]
-    last_model = None
-    for r in rows:
-        if last_model is not None and r.model != last_model:
-            lines.append("")
-        last_model = r.model
-        if r.error and r.speed is None and r.cosine is None:
-            line = f"{r.model:{w}s} {r.variant:{v}s} FAILED: {r.error}"
-        else:
-            line = (f"{r.model:{w}s} {r.variant:{v}s} {_fmt(r.layers, '6.0f')} {_scaled(r.macs, 1e9, '7.3f')} "
-                    f"{_fmt(r.macs_ratio, '5.2f')} {_scaled(r.params, 1e6, '8.2f')} {_fmt(r.params_ratio, '5.2f')} "
-                    f"{_fmt(r.speed, '6.2f')} {_fmt(r.ms, '8.2f')} {_fmt(r.cosine, '7.4f')} {_pct(r.top1):>6s}  "
-                    f"{(r.app_text or '-')[:30]:30s} {_fmt(r.seconds, '9.1f')} {_fmt(r.peak_mb, '8.0f')}")
-            if r.error:
-                line += f"  ({r.error})"
-        lines.append(line)
-        lines += [f"{'':{w + v + 2}s}note: {n}" for n in r.notes]
-    return "\n".join(lines)
+    head = (f"{'layers':>6s} {'GMACs':>7s} {'×':>5s} {'Mparams':>8s} {'×':>5s} {'speed':>6s} {'ms':>8s} "
+            f"{'cosine':>7s} {'top-1':>6s}  {'app':30s} {'lowrank s':>9s} {'peak MB':>8s}")
+    return format_rows(rows, max([22] + [len(r.variant) for r in rows]), head, lambda r: (
+        f"{_fmt(r.layers, '6.0f')} {_scaled(r.macs, 1e9, '7.3f')} {_fmt(r.macs_ratio, '5.2f')} "
+        f"{_scaled(r.params, 1e6, '8.2f')} {_fmt(r.params_ratio, '5.2f')} {_fmt(r.speed, '6.2f')} "
+        f"{_fmt(r.ms, '8.2f')} {_fmt(r.cosine, '7.4f')} {_pct(r.top1):>6s}  {(r.app_text or '-')[:30]:30s} "
+        f"{_fmt(r.seconds, '9.1f')} {_fmt(r.peak_mb, '8.0f')}"))
 
 
 # MEASUREMENTS.md, "Data-free Tucker-2": VGG-16, HOSVD ranks by energy, no refinement
@@ -503,13 +486,7 @@ def main(argv: list[str] | None = None) -> int:
           "time (>1 faster); cosine: lowest over eval feeds and outputs; top-1: argmax agreement (classifiers); "
           "app: the application's answer unchanged (see tools/bench_qdq.py); lowrank s / peak MB: the onnxopt call "
           "(fresh process).")
-    print()
-    print(format_table(all_rows))
-    print()
-    print(format_summary(all_rows, known))
-    print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in all_rows], indent=1, default=float))
+    print_results(format_table(all_rows), format_summary(all_rows, known), all_rows, t_start, args.json)
     return 0
 
 

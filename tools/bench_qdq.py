@@ -67,7 +67,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +86,7 @@ from tools.bench_lossless import (  # noqa: E402  (same timing and memory method
     _rss_kib,
     _session,
     paired_ratio,
+    print_results,
 )
 from tools.realmodels import (  # noqa: E402
     REAL_MODELS, RealModel, RealModelUnavailable, real_model_path, unknown_models_error)
@@ -755,27 +756,36 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
-def format_table(rows: list[Row]) -> str:
+def format_rows(rows: list, variant_width: int, head: str, cells) -> str:
+    """The benches' table: model and variant columns, then ``head`` and ``cells(row)`` for the
+    measured columns; a blank line between models, FAILED rows, the error in brackets and the
+    rows' notes below them."""
     w = max([12] + [len(r.model) for r in rows])  # model column
-    head = (f"{'model':{w}s} {'variant':19s} {'speed':>6s} {'ms':>8s} {'cosine':>7s} {'top-1':>6s}  {'app':30s} "
-            f"{'file MB':>8s} {'quant s':>8s} {'peak MB':>8s}")
-    lines = [head, "-" * len(head)]
+    header = f"{'model':{w}s} {'variant':{variant_width}s} {head}"
+    lines = [header, "-" * len(header)]
     last_model = None
     for r in rows:
         if last_model is not None and r.model != last_model:
             lines.append("")
         last_model = r.model
         if r.error and r.speed is None and r.cosine is None:
-            line = f"{r.model:{w}s} {r.variant:19s} FAILED: {r.error}"
+            line = f"{r.model:{w}s} {r.variant:{variant_width}s} FAILED: {r.error}"
         else:
-            line = (f"{r.model:{w}s} {r.variant:19s} {_fmt(r.speed, '6.2f')} {_fmt(r.ms, '8.2f')} "
-                    f"{_fmt(r.cosine, '7.4f')} {_pct(r.top1):>6s}  {(r.app_text or '-')[:30]:30s} "
-                    f"{_fmt(r.file_mb, '8.2f')} {_fmt(r.quant_s, '8.1f')} {_fmt(r.peak_mb, '8.0f')}")
+            line = f"{r.model:{w}s} {r.variant:{variant_width}s} {cells(r)}"
             if r.error:
                 line += f"  ({r.error})"
         lines.append(line)
-        lines += [f"{'':{w + 20}s}note: {n}" for n in r.notes]
+        lines += [f"{'':{w + variant_width + 2}s}note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'speed':>6s} {'ms':>8s} {'cosine':>7s} {'top-1':>6s}  {'app':30s} "
+            f"{'file MB':>8s} {'quant s':>8s} {'peak MB':>8s}")
+    return format_rows(rows, 19, head, lambda r: (
+        f"{_fmt(r.speed, '6.2f')} {_fmt(r.ms, '8.2f')} {_fmt(r.cosine, '7.4f')} {_pct(r.top1):>6s}  "
+        f"{(r.app_text or '-')[:30]:30s} {_fmt(r.file_mb, '8.2f')} {_fmt(r.quant_s, '8.1f')} "
+        f"{_fmt(r.peak_mb, '8.0f')}"))
 
 
 def goal_check(rows: list[Row]) -> tuple[bool | None, str]:
@@ -913,13 +923,7 @@ def main(argv: list[str] | None = None) -> int:
     print("speed: float time / variant time (>1 faster); ms: median latency; cosine: lowest over eval feeds and "
           "outputs; top-1: argmax agreement (classifiers); app: the application's answer unchanged (see "
           "tools/bench_qdq.py); quant s / peak MB: the quantizing call (fresh process).")
-    print()
-    print(format_table(all_rows))
-    print()
-    print(format_summary(all_rows))
-    print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in all_rows], indent=1, default=float))
+    print_results(format_table(all_rows), format_summary(all_rows), all_rows, t_start, args.json)
     return 0
 
 

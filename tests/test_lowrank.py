@@ -142,6 +142,18 @@ def test_search_meets_the_tolerance_on_the_calibration_data():
     assert min(compare(r["y"], o["y"])["cosine"] for r, o in zip(ref, out)) >= 0.999
 
 
+def test_search_checks_its_refits_on_feeds_they_did_not_see():
+    # Calibration whose first feeds span 4 of 32 channels and whose last ones span them all: a
+    # refit on the first ones alone fits a subspace, so only a check on held-out feeds is honest.
+    model = _conv_model(seed=5, t=32, c=32, stride=1, pads=(1, 1, 1, 1), hw=16, decay=0.3)
+    calib = _feeds(model, 6, seed=1, rank=4) + _feeds(model, 2, seed=2)
+    result = _run(model, "tucker2:measure=false", calib, tolerance={"cosine": 0.999})
+    notes = " ".join(result.records[0].notes)
+    assert "held out" in notes or "held-out" in notes or "no decomposition" in notes
+    ref, out = run_model(model, calib), run_model(result.model, calib)
+    assert min(compare(r["y"], o["y"])["cosine"] for r, o in zip(ref, out)) >= 0.999
+
+
 def test_layers_that_do_not_pay_or_cannot_be_split_are_left_with_a_reason():
     grouped = _conv_model(c=20, t=20, group=4)
     result = _run(grouped, "tucker2:measure=false,rank=0.5", _feeds(grouped, 1))

@@ -106,6 +106,25 @@ def test_svd_factors_truncation_is_eckart_young_optimal():
         assert error == pytest.approx(np.sqrt(np.sum(values[rank:] ** 2)), rel=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
+def test_gram_route_for_big_matrices_matches_lapack_svd(monkeypatch, shape):
+    """Big weights (VGG-16's FC) take the Gram-matrix route; it must give LAPACK's answer."""
+    rng = np.random.default_rng(2)
+    matrix = rng.standard_normal(shape) * np.linspace(3, 0.1, shape[1])  # distinct singular values
+    lapack = [M.svd_factors(matrix, r) for r in (5, 24)]
+    lapack_values = M.singular_values(matrix, "matrix")
+    lapack_spatial = M.spatial_svd(_kernel(3, 3), 4)
+    monkeypatch.setattr(M, "GRAM_ROUTE_ENTRIES", 0)
+    for rank, (second, first) in zip((5, 24), lapack):
+        gram_second, gram_first = M.svd_factors(matrix, rank)
+        np.testing.assert_allclose(gram_second @ gram_first, second @ first, atol=1e-4)
+        np.testing.assert_allclose(gram_second, second, atol=1e-4)  # same signs, same balance
+    np.testing.assert_allclose(M.svd_factors(matrix, 24)[0] @ M.svd_factors(matrix, 24)[1], matrix, atol=1e-5)
+    np.testing.assert_allclose(M.singular_values(matrix, "matrix"), lapack_values, rtol=1e-5)
+    for gram, reference in zip(M.spatial_svd(_kernel(3, 3), 4), lapack_spatial):
+        np.testing.assert_allclose(gram, reference, atol=1e-4)
+
+
 def test_one_by_one_kernel_as_matrix():
     kernel = _kernel(1, 1)
     second, first = M.svd_factors(kernel[:, :, 0, 0], 5)

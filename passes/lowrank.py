@@ -540,9 +540,7 @@ def response_basis(responses: np.ndarray, rank: int) -> np.ndarray:
     are approximated where they vary, not where the weights are large. The mean goes to the
     bias through the refit."""
     y = responses.astype(np.float64)
-    y = y - y.mean(axis=0)
-    _, vectors = np.linalg.eigh(y.T @ y)  # ascending
-    return np.ascontiguousarray(vectors[:, ::-1][:, :rank])
+    return np.ascontiguousarray(M.leading_right_vectors(y - y.mean(axis=0), rank))
 
 
 def _exact_cp(kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

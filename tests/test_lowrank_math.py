@@ -125,6 +125,20 @@ def test_gram_route_for_big_matrices_matches_lapack_svd(monkeypatch, shape):
         np.testing.assert_allclose(gram, reference, atol=1e-4)
 
 
+def test_leading_right_vectors_sketch_matches_the_exact_subspace(monkeypatch):
+    rng = np.random.default_rng(3)
+    # 300 samples of 400 outputs with a decaying spectrum, as layer responses have
+    responses = rng.standard_normal((300, 60)) @ (rng.standard_normal((60, 400)) * np.exp(-np.arange(60) / 8)[:, None])
+    exact = M.leading_right_vectors(responses, 8)
+    monkeypatch.setattr(M, "EXACT_SUBSPACE_SIDE", 100)
+    sketched = M.leading_right_vectors(responses, 8)
+    assert sketched.shape == (400, 8)
+    np.testing.assert_allclose(sketched.T @ sketched, np.eye(8), atol=1e-10)
+    # same subspace: the projector difference is tiny, and the vectors agree up to their fixed signs
+    assert np.linalg.norm(sketched @ sketched.T - exact @ exact.T) < 1e-3
+    np.testing.assert_allclose(sketched, exact, atol=1e-3)
+
+
 def test_one_by_one_kernel_as_matrix():
     kernel = _kernel(1, 1)
     second, first = M.svd_factors(kernel[:, :, 0, 0], 5)

@@ -238,6 +238,25 @@ class Row:
     notes: list[str] = field(default_factory=list)
 
 
+def run_variant(case: Case, variant, row, make_job, folder: Path, calibration: Path, timeout: float, log) -> Path | None:
+    """Run ``variant`` on ``case`` in a worker process (``make_job(variant, src, dst, calibration)``):
+    the output model's path, or None with ``row.error`` set. Fills ``row``'s notes, seconds, peak_mb."""
+    dst = folder / f"{case.name}.{re.sub(r'[^A-Za-z0-9_.@+-]', '_', variant.key)}.onnx"
+    try:
+        job = make_job(variant, case.path, dst, calibration)
+    except ValueError as exc:
+        row.error = str(exc)
+        return None
+    log(f"  {case.name}: {variant.key} ...")
+    result = run_job(job, folder, timeout)
+    row.notes += result.get("notes", [])
+    if "error" in result:
+        row.error = result["error"]
+        return None
+    row.seconds, row.peak_mb = result["seconds"], result["peak_mb"]
+    return dst
+
+
 def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, timeout: float, log) -> list[Row]:
     """Decompose ``case`` with every variant, then measure each against the float model."""
     calibration = folder / f"{case.name}.calibration.pkl"
@@ -260,19 +279,9 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
     for variant in [LOSSLESS, *variants]:
         row = Row(case.name, variant.key, refine=variant.refine if variant.specs else None)
         rows.append(row)
-        dst = folder / f"{case.name}.{re.sub(r'[^A-Za-z0-9_.@+-]', '_', variant.key)}.onnx"
-        try:
-            job = job_for(variant, case.path, dst, calibration)
-        except ValueError as exc:
-            row.error = str(exc)
+        dst = run_variant(case, variant, row, job_for, folder, calibration, timeout, log)
+        if dst is None:
             continue
-        log(f"  {case.name}: {variant.key} ...")
-        result = run_job(job, folder, timeout)
-        row.notes += result.get("notes", [])
-        if "error" in result:
-            row.error = result["error"]
-            continue
-        row.seconds, row.peak_mb = result["seconds"], result["peak_mb"]
         model = onnx.load(str(dst))
         row.layers = decomposed_layers(model) - before
         row.macs, row.params, macs_notes = macs_and_params(model, shapes)
@@ -421,15 +430,29 @@ def format_summary(rows: list[Row], variants: dict[str, Variant]) -> str:
 
 
 # ============================================================ command line
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tools.bench_lowrank", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", help=f"comma-separated (default {','.join(DEFAULT_MODELS)}); 'images' = the real "
+@dataclass
+class VariantArgs:
+    """A lossy benchmark's parsed command line (``parse_variant_args``)."""
+
+    args: argparse.Namespace
+    runs: int
+    models: list[str]
+    keys: list[str]  # catalogue variants, in order
+    tolerance: dict[str, float]  # of the --spec rows
+
+
+def parse_variant_args(argv: list[str] | None, prog: str, description: str, default_models: tuple[str, ...],
+                       catalogue: dict, quick: tuple[str, ...], aliases: dict[str, tuple[str, ...]],
+                       spec_help: str) -> VariantArgs | int:
+    """The command line the lossy benchmarks share (models, catalogue variants, --spec rows with
+    their --tolerance, rounds, --quick, --json, --timeout); exit code 2 with one line on bad input."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--models", help=f"comma-separated (default {','.join(default_models)}); 'images' = the real "
                                          "image models; any models/zoo.py builder works too")
     parser.add_argument("--variants", help="comma-separated rows besides float (default all, --quick: "
-                                           f"{','.join(QUICK_VARIANTS)}); 'quick', 'all', 'METHOD@*' select groups. "
-                                           f"Known: {', '.join(VARIANTS)}")
-    parser.add_argument("--spec", action="append", default=[], metavar="'PASS:opts [PASS:opts ...]'",
-                        help="a custom row running these low-rank pass specs (repeatable)")
+                                           f"{','.join(quick)}); {', '.join(repr(a) for a in aliases)} select groups. "
+                                           f"Known: {', '.join(catalogue)}")
+    parser.add_argument("--spec", action="append", default=[], metavar="'PASS:opts [PASS:opts ...]'", help=spec_help)
     parser.add_argument("--tolerance", action="append", default=[], metavar="METRIC=VALUE",
                         help="the tolerance of the --spec rows, e.g. cosine=0.999 (repeatable)")
     parser.add_argument("--runs", type=int, default=None, help="latency rounds per variant (default 30, --quick 10)")
@@ -438,20 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write all rows to this JSON file")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed to one variant on one model")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    runs = args.runs or (10 if args.quick else 30)
-    names = _parse_list(args.models, DEFAULT_MODELS, {"images": IMAGE_MODELS})
-    default_variants = QUICK_VARIANTS if args.quick else tuple(VARIANTS)
+    names = _parse_list(args.models, default_models, {"images": IMAGE_MODELS})
+    default_variants = quick if args.quick else tuple(catalogue)
     if args.spec and not args.variants:
         default_variants = ()  # --spec alone: just float and the custom rows
-    keys = _parse_list(args.variants, default_variants, VARIANT_ALIASES)
+    keys = _parse_list(args.variants, default_variants, aliases)
     error = unknown_models_error(names)
     if error:
         print(error, file=sys.stderr)
         return 2
-    bad = [k for k in keys if k not in VARIANTS]
+    bad = [k for k in keys if k not in catalogue]
     if bad:
-        print(f"error: unknown variant(s) {', '.join(bad)}. Fix: use {', '.join(VARIANTS)}, a group "
-              f"({', '.join(VARIANT_ALIASES)}) or --spec.", file=sys.stderr)
+        print(f"error: unknown variant(s) {', '.join(bad)}. Fix: use {', '.join(catalogue)}, a group "
+              f"({', '.join(aliases)}) or --spec.", file=sys.stderr)
         return 2
     from onnxopt.errors import UserInputError
     from onnxopt.validate import parse_tolerance
@@ -461,33 +483,55 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return 2
-    variants = [VARIANTS[k] for k in keys] + custom_variants(args.spec, tolerance)
-    known = {**VARIANTS, **{v.key: v for v in variants}}
+    return VariantArgs(args, args.runs or (10 if args.quick else 30), names, keys, tolerance)
+
+
+def run_variant_bench(parsed: VariantArgs, variants: list, prefix: str, bench_case_fn, row_type, headline: str,
+                      calibration_use: str, columns: str, format_table_fn, format_summary_fn) -> int:
+    """Run ``bench_case_fn(case, variants, runs, folder, timeout, log)`` on every model, then print the
+    headline, the photos, the variants' legend (``key``, ``description``), the columns and the results."""
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    import onnxruntime as ort
-
+    args, runs = parsed.args, parsed.runs
     t_start = time.perf_counter()
-    all_rows, data_lines = run_cases(names, args.quick, "bench_lowrank_", log,
-                                     lambda case, folder: bench_case(case, variants, runs, folder, args.timeout, log),
-                                     lambda name, text: Row(name, "(all)", error=text))
-    print(f"low rank: onnxopt svd / spatial-svd / tucker2 / cp after the lossless passes "
-          f"({len(lossless_first())} passes, no fuse-conv-activation); onnxruntime {ort.__version__} CPU, ALL "
-          f"optimizations, 1 thread, median of {runs} rounds alternating float and the variant.")
-    print("Calibration feeds (refinement, searches) and evaluation feeds are different photos "
-          "(calibration | evaluation):")
+    all_rows, data_lines = run_cases(parsed.models, args.quick, prefix, log,
+                                     lambda case, folder: bench_case_fn(case, variants, runs, folder, args.timeout,
+                                                                        log),
+                                     lambda name, text: row_type(name, "(all)", error=text))
+    print(f"{headline}, 1 thread, median of {runs} rounds alternating float and the variant.")
+    print(f"Calibration feeds ({calibration_use}) and evaluation feeds are different photos (calibration | evaluation):")
     print("\n".join(data_lines))
     print("Variants:")
+    width = max([20] + [len(v.key) for v in variants])
     for v in variants:
-        print(f"  {v.key:24s} {v.description}")
-    print("layers: layers decomposed; ×: of the lossless row (before decomposition); speed: float time / variant "
-          "time (>1 faster); cosine: lowest over eval feeds and outputs; top-1: argmax agreement (classifiers); "
-          "app: the application's answer unchanged (see tools/bench_qdq.py); lowrank s / peak MB: the onnxopt call "
-          "(fresh process).")
-    print_results(format_table(all_rows), format_summary(all_rows, known), all_rows, t_start, args.json)
+        print(f"  {v.key:{width}s} {v.description}")
+    print(columns)
+    print_results(format_table_fn(all_rows), format_summary_fn(all_rows), all_rows, t_start, args.json)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parsed = parse_variant_args(argv, "python -m tools.bench_lowrank", __doc__.splitlines()[0], DEFAULT_MODELS,
+                                VARIANTS, QUICK_VARIANTS, VARIANT_ALIASES,
+                                "a custom row running these low-rank pass specs (repeatable)")
+    if isinstance(parsed, int):
+        return parsed
+    variants = [VARIANTS[k] for k in parsed.keys] + custom_variants(parsed.args.spec, parsed.tolerance)
+    known = {**VARIANTS, **{v.key: v for v in variants}}
+    import onnxruntime as ort
+
+    return run_variant_bench(
+        parsed, variants, "bench_lowrank_", bench_case, Row,
+        f"low rank: onnxopt svd / spatial-svd / tucker2 / cp after the lossless passes ({len(lossless_first())} "
+        f"passes, no fuse-conv-activation); onnxruntime {ort.__version__} CPU, ALL optimizations",
+        "refinement, searches",
+        "layers: layers decomposed; ×: of the lossless row (before decomposition); speed: float time / variant "
+        "time (>1 faster); cosine: lowest over eval feeds and outputs; top-1: argmax agreement (classifiers); "
+        "app: the application's answer unchanged (see tools/bench_qdq.py); lowrank s / peak MB: the onnxopt call "
+        "(fresh process).",
+        format_table, lambda rows: format_summary(rows, known))
 
 
 if __name__ == "__main__":

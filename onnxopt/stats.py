@@ -81,9 +81,35 @@ def _skeleton(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] |
     sk.opset_import.extend(model.opset_import)
     sk.functions.extend(model.functions)
     sk.graph.CopyFrom(_stub_graph(model.graph))
+    for g in iter_proto_graphs(sk.graph):
+        for node in g.node:
+            _as_standard_twin(node)
     if input_shapes:
         _set_input_shapes(sk.graph, input_shapes)
     return sk
+
+
+# onnxruntime's fused contrib ops have the output shape of the standard op they extend (the fused
+# activation, and FusedConv's optional residual input Z, do not change it), which onnx's shape
+# inference knows: (standard op, its attributes, its input count).
+_STANDARD_TWINS = {
+    "FusedConv": ("Conv", {"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"}, 3),
+    "FusedGemm": ("Gemm", {"alpha", "beta", "transA", "transB"}, 3),
+}
+
+
+def _as_standard_twin(node: onnx.NodeProto) -> None:
+    """Rewrite a com.microsoft FusedConv/FusedGemm in the inference skeleton as its standard op,
+    so that shapes (and MACs) downstream of onnxruntime's fusions stay known."""
+    twin = _STANDARD_TWINS.get(node.op_type) if node.domain == "com.microsoft" else None
+    if twin is None:
+        return
+    op, attributes, inputs = twin
+    kept = [a for a in node.attribute if a.name in attributes]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    del node.input[inputs:]
+    node.op_type, node.domain = op, ""
 
 
 def _set_input_shapes(graph: onnx.GraphProto, input_shapes: dict[str, tuple[int, ...]]) -> None:

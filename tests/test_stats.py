@@ -112,3 +112,23 @@ def test_input_shapes_make_dynamic_macs_exact():
     total, [layer] = count_macs(m, {"x": (2, 3, 10, 12)})
     assert total == 2 * 5 * 8 * 10 * 27 and "approximate" not in layer
     assert model_stats(m, input_shapes={"x": (2, 3, 10, 12)})["inputs"][0]["shape"] == ["N", 3, "H", "W"]
+
+
+def test_macs_known_past_onnxruntime_fused_ops():
+    """A FusedConv (com.microsoft, from fuse-conv-activation) feeding a Gemm: onnx's shape
+    inference does not know FusedConv; counted as its standard twin, both layers keep their MACs."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("FusedConv", ["x", "w", "b"], ["c"], domain="com.microsoft", activation="Relu",
+                         pads=[1, 1, 1, 1], name="fc0"),
+        helper.make_node("Flatten", ["c"], ["f"]),
+        helper.make_node("FusedGemm", ["f", "g"], ["y"], domain="com.microsoft", activation="Relu", transB=1,
+                         name="head"),
+    ]
+    model = make_model(nodes, [vi("x", [1, 3, 8, 8])], [vi("y", None)],
+                       [init("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32)),
+                        init("b", np.zeros(4, np.float32)),
+                        init("g", rng.normal(size=(10, 256)).astype(np.float32))],
+                       opset=13, extra_opsets=[("com.microsoft", 1)])
+    stats = model_stats(model)
+    assert stats["macs"] == 4 * 8 * 8 * 3 * 9 + 10 * 256 and not stats["macs_notes"]

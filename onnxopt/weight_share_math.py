@@ -9,6 +9,14 @@ and every weight stored as the b-bit index of its centroid.
   huge rows, as prefix sums) so that clustering it at any number of bits costs
   O(iterations · 2^b · log n) and the error of a clustering is known without touching the
   weights again. One codebook per layer, or one per output channel (``axis``).
+* :class:`ScaledDistribution`: one codebook shared by channels that are each divided by their
+  own scale (max |w| by default), stored as indices + 2^b values + one scale per channel. A
+  folded BatchNorm leaves output channels that differ in scale by orders of magnitude: one
+  plain codebook spends its centroids on the large channels and rounds the small ones to ~0,
+  per-channel codebooks cost 2^b values per channel. Dividing by the scale before the k-means
+  and weighting each element by scale² keeps the objective the real weight error
+  (Σ m·s²·(w/s − c)² = Σ m·(w − s·c)²). Not exact even when 2^b ≥ the distinct values:
+  normalised values of different channels rarely coincide.
 * Data-aware clustering (``importance``): for y = W·x, a weight error ΔW[t, c] moves output t
   by ΔW[t, c]·x_c, so its expected squared effect is ΔW[t, c]²·E[x_c²] (the diagonal of the
   input Gram matrix). Weighting each weight's squared error by its input channel's mean
@@ -76,6 +84,25 @@ class SharedWeight:
         shape[self.axis] = -1
         offsets = (np.arange(self.codebooks.shape[0]) * self.codebooks.shape[1]).reshape(shape)
         return self.codebooks.reshape(-1)[self.indices.astype(np.int64) + offsets]
+
+
+@dataclass
+class ScaledWeight:
+    """A weight as one codebook, indices and a scale per channel:
+    ``codebook[0][indices] * scales`` (scales broadcast along ``axis``) reproduces it."""
+
+    codebook: np.ndarray  # (1, 2**bits), the weight's dtype, ascending
+    indices: np.ndarray  # uint8, the weight's shape
+    scales: np.ndarray  # (channels,), the weight's dtype, positive
+    axis: int
+
+    @property
+    def bits(self) -> int:
+        return int(self.codebook.shape[1]).bit_length() - 1
+
+    def expand(self) -> np.ndarray:
+        """The weight the stored form encodes (what Cast → Gather → Mul computes)."""
+        return self.codebook[0][self.indices] * _along(self.scales, self.axis, self.indices.ndim)
 
 
 @dataclass
@@ -285,6 +312,73 @@ class WeightDistribution:
         """Cluster at ``bits`` and assign every weight to its nearest centroid."""
         codebooks = self.centroids(bits, iterations).astype(self.weight.dtype)
         return SharedWeight(codebooks, assign(self.weight, codebooks, self.axis), self.axis)
+
+
+CHANNEL_SCALES = ("max", "rms")
+
+
+def channel_scales(weight: np.ndarray, axis: int, statistic: str = "max") -> np.ndarray:
+    """(channels,) positive scales in the weight's dtype, one per index along ``axis``: the
+    largest |w| of the channel (``max``) or its root mean square (``rms``). An all-zero channel
+    (or one whose scale rounds to 0 in the dtype) gets 1."""
+    weight = np.asarray(weight)
+    axis %= weight.ndim
+    others = tuple(a for a in range(weight.ndim) if a != axis)
+    if statistic == "max":
+        scales = np.abs(weight).max(axis=others).astype(np.float64)
+    elif statistic == "rms":
+        scales = np.sqrt(np.square(weight, dtype=np.float64).mean(axis=others))
+    else:
+        raise ValueError(f"channel scale statistic {statistic!r}: give one of {', '.join(CHANNEL_SCALES)}")
+    scales = scales.astype(weight.dtype)
+    return np.where(np.isfinite(scales) & (scales > 0), scales, np.ones((), weight.dtype))
+
+
+def _along(vector: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """``vector`` reshaped to broadcast along ``axis`` of a rank-``ndim`` array."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return vector.reshape(shape)
+
+
+class ScaledDistribution:
+    """A weight prepared for one k-means codebook over its channel-normalised values.
+
+    Each channel along ``axis`` is divided by its :func:`channel_scales` entry; the normalised
+    weight is clustered as one :class:`WeightDistribution` whose importance is
+    ``importance × scale²``, so its distortion is the real weight's weighted relative error.
+    The same ``centroids`` / ``distortion`` / ``share`` interface as WeightDistribution.
+    """
+
+    def __init__(self, weight: np.ndarray, axis: int, importance: np.ndarray | None = None,
+                 statistic: str = "max"):
+        weight = np.asarray(weight)
+        if weight.dtype.kind != "f":
+            raise ValueError(f"weight sharing needs a float weight, got {weight.dtype}")
+        self.weight, self.axis = weight, int(axis) % weight.ndim
+        self.scales = channel_scales(weight, self.axis, statistic)
+        # Normalised in at least float32: a float16 weight's quotients would round twice.
+        work = np.result_type(weight.dtype, np.float32)
+        scales = _along(self.scales.astype(work), self.axis, weight.ndim)
+        self.normalized = (weight.astype(work, copy=False) / scales).astype(work, copy=False)
+        mass = np.square(scales.astype(np.float64))
+        if importance is not None:
+            mass = np.asarray(importance, np.float64) * mass
+        self.distribution = WeightDistribution(self.normalized, None, mass)
+
+    def centroids(self, bits: int, iterations: int = 50) -> np.ndarray:
+        """(1, 2^bits) ascending float64 centroids of the normalised values."""
+        return self.distribution.centroids(bits, iterations)
+
+    def distortion(self, centroids: np.ndarray) -> float:
+        """Σ m·(w − s·c)² / Σ m·w² of ``centroids`` (m = importance; the prefix sums carry s²)."""
+        return self.distribution.distortion(centroids)
+
+    def share(self, bits: int, iterations: int = 50) -> ScaledWeight:
+        """Cluster at ``bits``; each weight gets the nearest centroid of its normalised value
+        (within a channel the scale is one positive factor, so it is the nearest in real terms)."""
+        codebook = self.centroids(bits, iterations).astype(self.weight.dtype)
+        return ScaledWeight(codebook, assign(self.normalized, codebook), self.scales, self.axis)
 
 
 def linear_init(low, high, k: int) -> np.ndarray:

@@ -1,17 +1,30 @@
 """weight-share: k-means weight sharing with storage that really shrinks the file (lossy).
 
 Deep Compression (Han et al. 2016, §3): the constant weight of every Conv, ConvTranspose,
-Gemm and MatMul is clustered into 2^bits shared values (1-D k-means, linear initialisation),
-one codebook per layer or per output channel, and stored as b-bit indices + the codebook.
-The math lives in onnxopt/weight_share_math.py.
+Gemm and MatMul is clustered into 2^bits shared values (1-D k-means, linear initialisation)
+and stored as b-bit indices + the codebook. The math lives in onnxopt/weight_share_math.py.
+
+Granularity (``granularity=``), along the output channel axis (Conv 0, ConvTranspose 1,
+Gemm/MatMul the output column or row):
+
+* ``layer``: one codebook for the weight. Exact when 2^bits ≥ its distinct values; loses badly
+  on folded BatchNorms (channel scales spread over decades: the small channels round to ~0).
+* ``channel``: one codebook per output channel (2^bits values each). Exact like ``layer``.
+* ``scaled``: each output channel divided by its max |w| (measured on PP-OCRv5 det and MTCNN
+  O-Net after BN folding: 6-bit weight error 3× below root-mean-square scales), one codebook
+  for all the normalised values, clustered with importance × scale² (the real weight error);
+  stored as indices + one codebook + one scale per channel. Not exact even with few values.
+* ``auto`` (default): ``channel`` where its codebooks add at most CHANNEL_CODEBOOK_SHARE to
+  the indices' bytes, else ``scaled``; plain ``layer`` only when one codebook holds every
+  distinct value (exact, and the smallest). The bits search offers the same layouts.
 
 Storage (``storage=``):
 
 * ``codebook`` (default), valid for any runtime: indices → ``Cast(int32)`` (Gather refuses
   uint8 indices) → [``Add`` per-channel offsets] → ``Gather`` over the flat codebook in the
-  weight's dtype. onnxruntime constant-folds the chain when it loads the model, so inference
-  runs on plain float weights (measured 1.0× latency; tests check that the optimized session
-  holds no Gather). Indices take ``bits`` bits each: at opset ≥ 11 a little-endian bit stream
+  weight's dtype [→ ``Mul`` by the channel scales, ``scaled``]. onnxruntime constant-folds the
+  chain when it loads the model, so inference runs on plain float weights (measured 1.0×
+  latency; tests check that the optimized session holds no Gather, BitShift or Mul). Indices take ``bits`` bits each: at opset ≥ 11 a little-endian bit stream
   of uint8 bytes (weight_share_math.pack_bits) unpacked by Cast(uint32) → Gather → BitShift
   (opset 11) → Add → Reshape, so 6 bits really cost 6 bits; 4 bits at opset ≥ 21 are a real
   UINT4 initializer (same layout; Cast from uint4 arrived in opset 21); 8 bits, and every
@@ -20,7 +33,8 @@ Storage (``storage=``):
   at opset ≥ 21, int4 values with DequantizeLinear, per channel (opset ≥ 13) or per tensor
   (opset 10-12). For runtimes that want QDQ weights. onnxruntime keeps DequantizeLinear of
   weights as a node (it reserves DQ for its QDQ fusions), so the weights are dequantized on
-  every run (measured 1.2× on a 256×256×3×3 Conv).
+  every run (measured 1.2× on a 256×256×3×3 Conv). A per-channel grid is already scaled per
+  channel, so ``scaled`` and ``auto`` mean per channel here (per tensor below opset 13).
 
 The model's opset is never raised: weight sharing leaves every other node as it is, and the
 bit-packed stream needs only opset 11.
@@ -77,6 +91,9 @@ INT4_IR_VERSION = 10  # IR version that introduced INT4/UINT4
 
 # Per-channel codebooks unless they add more than this share to the indices' bytes (auto).
 CHANNEL_CODEBOOK_SHARE = 0.25
+LAYOUTS = ("layer", "channel", "scaled")  # one codebook; one per output channel; one + channel scales
+# Channel statistic of ``scaled``: max |w| clustered 2-3× closer than RMS on folded real models.
+CHANNEL_SCALE = "max"
 # An input channel's importance never falls below this share of the mean: a channel the
 # calibration data leaves silent may not be silent on other inputs.
 IMPORTANCE_FLOOR = 0.01
@@ -146,10 +163,28 @@ class Candidate:
     def nbytes(self) -> int:
         return int(self.weight.nbytes)
 
-    def distribution(self, axis: int | None) -> M.WeightDistribution:
-        if axis not in self._distributions:
-            self._distributions[axis] = M.WeightDistribution(self.weight, axis, self.importance)
-        return self._distributions[axis]
+    def distribution(self, layout: str):
+        """The prepared weight of ``layout`` (WeightDistribution or ScaledDistribution), cached."""
+        if layout not in self._distributions:
+            if layout == "scaled":
+                prepared = M.ScaledDistribution(self.weight, self.out_axis, self.importance, CHANNEL_SCALE)
+            else:
+                prepared = M.WeightDistribution(self.weight, self.axis(layout), self.importance)
+            self._distributions[layout] = prepared
+        return self._distributions[layout]
+
+    def axis(self, layout: str) -> int | None:
+        """The weight axis with one codebook (or scale) per index; None: one for the tensor."""
+        return None if layout == "layer" else self.out_axis
+
+    def exact_in_one_codebook(self, bits: int) -> bool:
+        """Whether the weight has at most 2^bits distinct values (a per-layer codebook is then
+        exact). A sample rules most weights out before the full count."""
+        if "distinct" not in self._distributions:
+            sample = np.unique(self.weight.reshape(-1)[:4096])
+            count = sample.size if sample.size > 1 << M.MAX_BITS else np.unique(self.weight).size
+            self._distributions["distinct"] = count
+        return self._distributions["distinct"] <= 1 << bits
 
 
 @dataclass
@@ -168,57 +203,62 @@ class Storage:
             return M.index_bytes(count, bits, self.opset >= PACKED_OPSET)
         return M.index_bytes(count, 4, True) if bits <= 4 and self.opset >= UINT4_OPSET else count
 
-    def axes(self, cand: Candidate) -> list[int | None]:
-        """The codebook (or scale) axes allowed: the output channel axis and/or None (per tensor)."""
-        if self.granularity == "layer" or (self.form == "dequantize" and self.opset < DQ_AXIS_OPSET):
-            return [None]
-        if self.form == "dequantize" or self.granularity == "channel":
-            return [cand.out_axis]
-        return [cand.out_axis, None]
+    def layouts(self, cand: Candidate, bits: int) -> list[str]:
+        """The layouts (LAYOUTS) allowed at ``bits``. ``auto``: channel and scaled, and layer
+        when one codebook holds every distinct value (exact and the smallest)."""
+        if self.form == "dequantize":  # a per-channel grid is scaled per channel already
+            return ["layer" if self.granularity == "layer" or self.opset < DQ_AXIS_OPSET else "channel"]
+        if self.granularity != "auto":
+            return [self.granularity]
+        return ["channel", "scaled"] + (["layer"] if cand.exact_in_one_codebook(bits) else [])
 
-    def axis(self, cand: Candidate, bits: int) -> int | None:
-        """The axis without a search: per channel unless (auto) the channels' codebooks would add
-        more than CHANNEL_CODEBOOK_SHARE to the indices' bytes."""
-        allowed = self.axes(cand)
+    def layout(self, cand: Candidate, bits: int) -> str:
+        """The layout without a search (auto: exact layer, else per channel unless the channels'
+        codebooks would add more than CHANNEL_CODEBOOK_SHARE to the indices' bytes, else scaled)."""
+        allowed = self.layouts(cand, bits)
         if len(allowed) == 1:
             return allowed[0]
+        if "layer" in allowed:
+            return "layer"
         rows = cand.weight.shape[cand.out_axis]
         books = rows * (1 << bits) * cand.weight.dtype.itemsize
         indices = self.index_bytes(cand.weight.size, bits)
-        return cand.out_axis if books <= CHANNEL_CODEBOOK_SHARE * indices else None
+        return "channel" if books <= CHANNEL_CODEBOOK_SHARE * indices else "scaled"
 
-    def nbytes(self, cand: Candidate, bits: int, axis: int | None) -> int:
+    def nbytes(self, cand: Candidate, bits: int, layout: str) -> int:
         """Stored bytes of the shared weight (indices, codebooks or scales, offsets)."""
-        rows = 1 if axis is None else cand.weight.shape[axis]
+        rows = 1 if layout == "layer" else cand.weight.shape[cand.out_axis]
+        itemsize = cand.weight.dtype.itemsize
         total = self.index_bytes(cand.weight.size, bits)
-        if self.form == "codebook":
-            total += rows * (1 << bits) * cand.weight.dtype.itemsize + (4 * rows if axis is not None else 0)
-        else:
-            total += rows * 5  # float32 scale + 8-bit zero point
-        return total
+        if self.form == "dequantize":
+            return total + rows * 5  # float32 scale + 8-bit zero point
+        if layout == "channel":
+            return total + rows * (1 << bits) * itemsize + 4 * rows  # codebooks + int32 offsets
+        return total + (1 << bits) * itemsize + (rows * itemsize if layout == "scaled" else 0)
 
-    def approximate(self, cand: Candidate, bits: int, axis: int | None):
-        """(SharedWeight | GridWeight, the weight it encodes in the weight's dtype)."""
+    def approximate(self, cand: Candidate, bits: int, layout: str):
+        """(SharedWeight | ScaledWeight | GridWeight, the weight it encodes in the weight's dtype)."""
         if self.form == "codebook":
-            shared = cand.distribution(axis).share(bits)
+            shared = cand.distribution(layout).share(bits)
             return shared, shared.expand()
-        grid = M.linear_grid(cand.weight, bits, axis, self.symmetric)
+        grid = M.linear_grid(cand.weight, bits, cand.axis(layout), self.symmetric)
         return grid, grid.expand().astype(cand.weight.dtype)
 
-    def error(self, cand: Candidate, bits: int, axis: int | None) -> float:
+    def error(self, cand: Candidate, bits: int, layout: str) -> float:
         """Importance-weighted relative distortion of the weight at ``bits``."""
         if self.form == "codebook":
-            distribution = cand.distribution(axis)
+            distribution = cand.distribution(layout)
             return distribution.distortion(distribution.centroids(bits))
-        return M.weighted_error(cand.weight, self.approximate(cand, bits, axis)[1], cand.importance)
+        return M.weighted_error(cand.weight, self.approximate(cand, bits, layout)[1], cand.importance)
 
 
 # ---------------------------------------------------------------------- the pass
 @register_pass
 class WeightShare(Pass):
     name = "weight-share"
-    summary = ("Share each Conv/ConvTranspose/Gemm/MatMul weight's values: 2^bits k-means centroids per layer or "
-               "channel (Deep Compression), stored as packed indices + codebook; bits searched within the tolerance.")
+    summary = ("Share each Conv/ConvTranspose/Gemm/MatMul weight's values: 2^bits k-means centroids per layer, "
+               "per channel or over scaled channels (Deep Compression), stored as packed indices + codebook; bits "
+               "searched within the tolerance.")
     lossless = False
     run_once = True
 
@@ -228,7 +268,7 @@ class WeightShare(Pass):
         conv_bits: int = 8  # Conv / ConvTranspose when nothing is searched (accuracy=none)
         matrix_bits: int = 4  # Gemm / MatMul when nothing is searched
         ladder: list[int] = field(default_factory=lambda: [8, 7, 6, 5, 4, 3])  # bit widths the search tries
-        granularity: Literal["auto", "channel", "layer"] = "auto"  # codebook per output channel or per layer
+        granularity: Literal["auto", "channel", "scaled", "layer"] = "auto"  # see the module docstring
         storage: Literal["codebook", "dequantize"] = "codebook"
         symmetric: bool = True  # storage=dequantize: symmetric grid (zero point 0) or min/max
         data_aware: bool = True  # weight the clustering by the input channels' activation energy
@@ -269,7 +309,7 @@ class WeightShare(Pass):
             chosen = {}
             for c in candidates:
                 bits = opt.bits or (opt.conv_bits if c.kind == "conv" else opt.matrix_bits)
-                chosen[c.name] = (bits, storage.axis(c, bits))
+                chosen[c.name] = (bits, storage.layout(c, bits))
         if not chosen:
             return PassResult(False, notes=notes + ["no weight was shared"])
 
@@ -278,19 +318,21 @@ class WeightShare(Pass):
         for cand in candidates:
             if cand.name not in chosen:
                 continue
-            bits, axis = chosen[cand.name]
-            if storage.nbytes(cand, bits, axis) >= cand.nbytes:
+            bits, layout = chosen[cand.name]
+            if storage.nbytes(cand, bits, layout) >= cand.nbytes:
                 notes.append(f"{cand.name}: {bits}-bit storage would not be smaller than the weight; left as it is")
                 continue
-            encoded, approx = storage.approximate(cand, bits, axis)
+            encoded, approx = storage.approximate(cand, bits, layout)
             expanded = emit(graph, names, cand, encoded, storage)
             G.replace_uses(cand.tensor, expanded)
-            stored = storage.nbytes(cand, bits, axis)
+            stored = storage.nbytes(cand, bits, layout)
             before, after = before + cand.nbytes, after + stored
             params += cand.weight.size
             layers += len(cand.uses)
             shared += 1
-            where = "per layer" if axis is None else f"per channel ({cand.weight.shape[axis]} rows)"
+            rows = cand.weight.shape[cand.out_axis]
+            where = {"layer": "per layer", "channel": f"per channel ({rows} rows)",
+                     "scaled": f"one codebook × {rows} channel scales"}[layout]
             notes.append(f"{cand.name}: {bits} bits {where}, {_kib(cand.nbytes)} → {_kib(stored)}, weighted error "
                          f"{M.weighted_error(cand.weight, approx, cand.importance):.3g}")
         if not layers:
@@ -492,30 +534,31 @@ def _output_gain(use: Use, channels: int) -> np.ndarray | None:
 
 # ---------------------------------------------------------------------- the search
 def search_bits(graph: gs.Graph, ctx, candidates: list[Candidate], storage: Storage, feeds: list,
-                tolerance: dict, opt, notes: list[str]) -> dict[str, tuple[int, int | None]]:
-    """(bits, axis) per weight: the longest greedy prefix of moves (float → ladder[0] → …, per
-    channel or per layer, most bytes saved per unit of predicted error first) within ``tolerance``."""
+                tolerance: dict, opt, notes: list[str]) -> dict[str, tuple[int, str]]:
+    """(bits, layout) per weight: the longest greedy prefix of moves (float → ladder[0] → …, each
+    layout Storage.layouts allows, most bytes saved per unit of predicted error first) within
+    ``tolerance``."""
     from .lowrank_search import Choice, greedy_moves
 
     ladder = sorted(set(opt.ladder), reverse=True)
     reference = G.export_model(graph, ctx.template)
     check = ToleranceCheck(reference, feeds, tolerance)
     ranking_feeds = max(2, min(len(feeds), 8))
-    options: dict[str, list[tuple[int, int | None, float, int]]] = {}  # (bits, axis, error, bytes)
+    options: dict[str, list[tuple[int, str, float, int]]] = {}  # (bits, layout, error, bytes)
     sensitivity: dict[str, float] = {}
     for cand in ctx.progress(candidates, "weight-share: error per bit width and sensitivity", len(candidates)):
-        options[cand.name] = [(b, axis, storage.error(cand, b, axis), storage.nbytes(cand, b, axis))
-                              for b in ladder for axis in storage.axes(cand)]
+        options[cand.name] = [(b, layout, storage.error(cand, b, layout), storage.nbytes(cand, b, layout))
+                              for b in ladder for layout in storage.layouts(cand, b)]
         # The model's error from this weight alone, measured once at a middle bit width: for
         # small errors the output error energy (rel_l2²) is proportional to the weight's
         # distortion, so sensitivity × distortion predicts every other option.
-        axis = storage.axis(cand, ladder[len(ladder) // 2])
-        probes = [b for b in ladder if storage.error(cand, b, axis) > 0]
+        layout = storage.layout(cand, ladder[len(ladder) // 2])
+        probes = [b for b in ladder if storage.error(cand, b, layout) > 0]
         if probes:
             probe = probes[min(len(probes) - 1, len(ladder) // 2)]
-            approx = storage.approximate(cand, probe, axis)[1]
+            approx = storage.approximate(cand, probe, layout)[1]
             metrics = check.evaluate(trial_model(reference, {cand.name: approx}), limit=ranking_feeds)
-            sensitivity[cand.name] = metrics.get("rel_l2", 0.0) ** 2 / storage.error(cand, probe, axis)
+            sensitivity[cand.name] = metrics.get("rel_l2", 0.0) ** 2 / storage.error(cand, probe, layout)
         else:
             sensitivity[cand.name] = 0.0  # exact at every bit width tried
     scale = max((sensitivity[name] * error for name, menu in options.items() for _, _, error, _ in menu),
@@ -525,9 +568,9 @@ def search_bits(graph: gs.Graph, ctx, candidates: list[Candidate], storage: Stor
     for name, menu in options.items():
         # greedy_moves is unit-free: saving_s holds bytes saved here, error the predicted rel_l2²
         # (scaled to at most 1, so its 1e-9 floor only merges negligible differences).
-        menus[name] = [Choice(by_name[name], (bits, axis), [], float(by_name[name].nbytes - nbytes),
+        menus[name] = [Choice(by_name[name], (bits, layout), [], float(by_name[name].nbytes - nbytes),
                               sensitivity[name] * error / scale)
-                       for bits, axis, error, nbytes in menu if nbytes < by_name[name].nbytes]
+                       for bits, layout, error, nbytes in menu if nbytes < by_name[name].nbytes]
     moves = greedy_moves({name: menu for name, menu in menus.items() if menu})
     if not moves:
         return {}
@@ -591,18 +634,24 @@ def emit(graph: gs.Graph, names: G.NameAllocator, cand: Candidate, encoded, stor
         return out
 
     if storage.form == "codebook":
-        shared: M.SharedWeight = encoded
+        shared: M.SharedWeight | M.ScaledWeight = encoded
         indices = _stored_indices(names, hint, shared.indices, shared.bits, storage, node)
         positions = node("Cast", [indices], np.int32, weight_shape, {"to": onnx.TensorProto.INT32})
-        if shared.axis is not None:
+        scaled = isinstance(shared, M.ScaledWeight)
+        if not scaled and shared.axis is not None:  # row r of the flat codebooks starts at r·2^bits
             offset_shape = [1] * len(weight_shape)
             offset_shape[shared.axis] = -1
             offsets = (np.arange(shared.codebooks.shape[0], dtype=np.int32) * shared.codebooks.shape[1])
             positions = node("Add", [positions, names.constant(f"{hint}_codebook_offsets",
                                                                 offsets.reshape(offset_shape))],
                              np.int32, weight_shape)
-        codebook = names.constant(f"{hint}_codebook", shared.codebooks.reshape(-1))
+        codebook = names.constant(f"{hint}_codebook", (shared.codebook if scaled else shared.codebooks).reshape(-1))
         expanded = node("Gather", [codebook, positions], dtype, weight_shape, {"axis": 0})
+        if scaled:  # each output channel times its scale (Mul-7 broadcasts numpy-style)
+            scale_shape = [1] * len(weight_shape)
+            scale_shape[shared.axis] = -1
+            scales = names.constant(f"{hint}_channel_scales", shared.scales.reshape(scale_shape))
+            expanded = node("Mul", [expanded, scales], dtype, weight_shape)
     else:
         grid: M.GridWeight = encoded
         four_bit = grid.bits <= 4 and storage.opset >= UINT4_OPSET

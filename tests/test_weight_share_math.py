@@ -163,3 +163,61 @@ def test_bad_bits_name_the_fix():
         M.WeightDistribution(np.array([1.0, np.nan], np.float32))
     with pytest.raises(ValueError):
         M.WeightDistribution(np.ones((4, 4), np.float32), importance=-np.ones(4))
+
+
+# ---------------------------------------------------------------------- one codebook over scaled channels
+def _spread_weight(shape=(24, 8, 3, 3), axis=0, seed=9, decades=2):
+    """Channels along ``axis`` whose scales span ``decades`` decades (as a folded BatchNorm leaves them)."""
+    rng = np.random.default_rng(seed)
+    scale_shape = [1] * len(shape)
+    scale_shape[axis] = -1
+    scales = np.geomspace(10.0 ** -decades, 1.0, shape[axis]).reshape(scale_shape)
+    return (rng.standard_t(5, size=shape) * scales).astype(np.float32)
+
+
+def test_channel_scales_max_and_rms_and_zero_channels():
+    weight = np.array([[3.0, -4.0], [0.0, 0.0], [1e-3, -2e-3]], np.float32)  # channels on axis 0
+    assert np.array_equal(M.channel_scales(weight, 0), np.array([4.0, 1.0, 2e-3], np.float32))
+    np.testing.assert_allclose(M.channel_scales(weight, 0, "rms"), [np.sqrt(12.5), 1.0, np.sqrt(2.5e-6)], rtol=1e-6)
+    assert np.array_equal(M.channel_scales(weight.T, 1), M.channel_scales(weight, 0))
+    assert M.channel_scales(weight.astype(np.float16), 0).dtype == np.float16
+    with pytest.raises(ValueError):
+        M.channel_scales(weight, 0, "median")
+
+
+@pytest.mark.parametrize("shape, axis", [((24, 8, 3, 3), 0), ((8, 24, 3, 3), 1), ((40, 30), 1), ((30, 40), 0)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scaled_distortion_is_the_real_weight_error(shape, axis, weighted):
+    """The k-means runs on w / s with importance × s², so its distortion must equal the error of
+    codebook × scale against the real weight, weighted by the importance alone."""
+    weight = _spread_weight(shape, axis)
+    importance = np.random.default_rng(10).uniform(0.1, 5.0, shape) if weighted else None
+    scaled = M.ScaledDistribution(weight, axis, importance)
+    errors = []
+    for bits in (2, 4, 6):
+        shared = scaled.share(bits)
+        assert shared.codebook.shape == (1, 1 << bits) and shared.scales.shape == (shape[axis],)
+        true = M.weighted_error(weight, shared.expand(), importance)
+        assert true == pytest.approx(scaled.distortion(scaled.centroids(bits)), rel=1e-3, abs=1e-9)
+        errors.append(true)
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_scaled_codebook_keeps_small_channels_where_one_codebook_loses_them():
+    weight = _spread_weight()
+    others = (1, 2, 3)
+
+    def worst_channel_error(approx):
+        return float(np.max(np.sum((approx - weight) ** 2, axis=others) / np.sum(weight ** 2, axis=others)))
+
+    layer = worst_channel_error(M.share_weight(weight, 4).expand())
+    scaled = worst_channel_error(M.ScaledDistribution(weight, 0).share(4).expand())
+    assert layer > 0.5  # the smallest channels round to (nearly) zero
+    assert scaled < 0.05 * layer
+
+
+def test_scaled_float16_weights_keep_their_dtype_and_stay_close():
+    weight = _spread_weight().astype(np.float16)
+    shared = M.ScaledDistribution(weight, 0).share(6)
+    assert shared.codebook.dtype == shared.scales.dtype == shared.expand().dtype == np.float16
+    assert M.weighted_error(weight, shared.expand()) < 0.01

@@ -1,6 +1,7 @@
 """weight-share: exact round trips, every storage form at every opset through onnx.checker and
-onnxruntime (folded at load), the file really shrinking, per-channel and data-aware clustering
-measured on outputs, each layer layout, the tolerance search, skip reasons and bad options."""
+onnxruntime (folded at load), the file really shrinking, per-channel, channel-scaled and
+data-aware clustering measured on outputs, auto's layout choice, each layer layout, the
+tolerance search, skip reasons and bad options."""
 
 import numpy as np
 import onnx
@@ -83,21 +84,26 @@ def _initializer_types(model):
 # ---------------------------------------------------------------------- exactness and storage forms
 @pytest.mark.parametrize("opset", [9, 13, 21])
 @pytest.mark.parametrize("bits", [4, 6, 8])
-@pytest.mark.parametrize("granularity", ["layer", "channel"])
+@pytest.mark.parametrize("granularity", ["layer", "channel", "scaled"])
 def test_codebook_round_trips_exactly_at_every_opset_and_onnxruntime_folds_it(opset, bits, granularity, tmp_path):
+    """layer / channel: bit-exact when 2^bits ≥ the distinct values; scaled is not exact (the
+    channels' normalised values rarely coincide) but stays close."""
     model = _conv_model(_few_values((16, 128, 3, 3), count=1 << (bits - 1)), opset=opset)
     result = _optimize(model, f"bits={bits},granularity={granularity},{FIXED}")
     feeds = random_feeds(model, 2)
     for optimization in ("disable", "all"):
-        assert all(np.array_equal(a, b) for a, b in zip(_outputs(model, feeds, optimization),
-                                                        _outputs(result.model, feeds, optimization)))
+        before, after = _outputs(model, feeds, optimization), _outputs(result.model, feeds, optimization)
+        if granularity == "scaled":
+            assert max(compare(a, b)["rel_l2"] for a, b in zip(before, after)) < 0.1 / bits
+        else:
+            assert all(np.array_equal(a, b) for a, b in zip(before, after))
     ops = [n.op_type for n in result.model.graph.node]
-    assert "Gather" in ops and "Cast" in ops
+    assert "Gather" in ops and "Cast" in ops and ("Mul" in ops) == (granularity == "scaled")
     assert ("BitShift" in ops) == (opset in (13, 21) and not (bits == 4 and opset == 21) and bits < 8)
     if bits == 4 and opset == 21:
         assert onnx.TensorProto.UINT4 in _initializer_types(result.model).values()
     optimized = _optimized_ops(result.model, tmp_path)
-    assert "Gather" not in optimized and "BitShift" not in optimized  # folded at load: float weights again
+    assert not {"Gather", "BitShift", "Mul"} & set(optimized)  # folded at load: float weights again
 
 
 @pytest.mark.parametrize("opset, int4", [(11, False), (13, False), (21, True)])
@@ -212,6 +218,75 @@ def test_tolerance_search_meets_its_budget_and_mixes_bits():
     assert tighter.records[-1].counters.get("weight_bytes_saved", 0) < result.records[-1].counters["weight_bytes_saved"]
 
 
+def test_scaled_codebook_beats_one_per_layer_on_channels_100x_apart():
+    """One codebook over channels divided by their max |w|: the small channels keep their
+    shape where one plain codebook rounds them to ~0; the outputs go through a per-channel
+    normalisation (as the next BatchNorm would)."""
+    rng = np.random.default_rng(11)
+    scales = np.geomspace(0.01, 1.0, 32)[:, None, None, None]  # channels 100× apart
+    weight = (rng.normal(size=(32, 16, 3, 3)) * scales).astype(np.float32)
+    model = _conv_model(weight)
+    feeds = random_feeds(model, 2)
+    reference = _outputs(model, feeds)
+
+    def channel_error(spec):
+        out = _outputs(_optimize(model, spec).model, feeds)
+        return max(float(np.mean(np.linalg.norm((o - r)[0].reshape(32, -1), axis=1)
+                                 / np.linalg.norm(r[0].reshape(32, -1), axis=1))) for r, o in zip(reference, out))
+
+    per_layer = channel_error(f"bits=4,granularity=layer,{FIXED}")
+    scaled = channel_error(f"bits=4,granularity=scaled,{FIXED}")
+    assert scaled < 0.3 * per_layer, (scaled, per_layer)
+
+
+def test_scaled_storage_counts_the_scale_vector():
+    rng = np.random.default_rng(12)
+    weight = rng.normal(size=(48, 32, 3, 3)).astype(np.float32)
+    model = _conv_model(weight, opset=13)
+    result = _optimize(model, f"bits=4,granularity=scaled,{FIXED}")
+    counters = result.records[-1].counters
+    stored = M.index_bytes(weight.size, 4) + 16 * 4 + 48 * 4  # packed indices + codebook + one scale per channel
+    assert counters["weight_bytes_after"] == stored
+    assert counters["weight_bytes_before"] - stored == counters["weight_bytes_saved"]
+    scales = [t for t in result.model.graph.initializer if t.name.endswith("_channel_scales")]
+    assert len(scales) == 1 and list(scales[0].dims) == [48, 1, 1, 1]
+    assert any("one codebook × 48 channel scales" in n for n in _notes(result))
+    # The file: the float weight replaced by what was counted, plus the expansion nodes' protobuf.
+    overhead = len(result.model.SerializeToString()) - (len(model.SerializeToString()) - counters["weight_bytes_saved"])
+    assert 0 < overhead < 2048
+
+
+@pytest.mark.parametrize("shape, bits, exact_values, expected", [
+    ((8, 512, 3, 3), 4, None, "per channel (8 rows)"),  # 8 codebooks of 16: tiny beside 36 864 indices
+    ((64, 16, 3, 3), 6, None, "one codebook × 64 channel scales"),  # 64 codebooks of 64 would outweigh 6912 bytes
+    ((64, 16, 3, 3), 6, 40, "per layer"),  # 40 distinct values fit one codebook: exact and smallest
+])
+def test_auto_picks_channel_or_scaled_and_layer_only_when_exact(shape, bits, exact_values, expected):
+    rng = np.random.default_rng(13)
+    weight = (_few_values(shape, count=exact_values) if exact_values
+              else (rng.normal(size=shape) * np.geomspace(0.01, 1, shape[0])[:, None, None, None]).astype(np.float32))
+    model = _conv_model(weight)
+    result = _optimize(model, f"bits={bits},{FIXED}")
+    assert any(f"{bits} bits {expected}" in n for n in _notes(result)), _notes(result)
+    if exact_values:
+        feeds = random_feeds(model, 1)
+        assert np.array_equal(_outputs(model, feeds)[0], _outputs(result.model, feeds)[0])
+
+
+def test_the_search_offers_channel_and_scaled_under_auto():
+    from onnxopt.passes.weight_sharing import Candidate, Storage
+
+    weight = np.random.default_rng(14).normal(size=(16, 8, 3, 3)).astype(np.float32)
+    cand = Candidate(None, weight, [])  # the layouts offered depend on the values alone
+    few = Candidate(None, _few_values((16, 8, 3, 3), count=10), [])
+    auto = Storage("codebook", 17, "auto", True)
+    assert auto.layouts(cand, 6) == ["channel", "scaled"]
+    assert auto.layouts(few, 4) == ["channel", "scaled", "layer"] and auto.layouts(few, 3) == ["channel", "scaled"]
+    for granularity in ("layer", "channel", "scaled"):
+        assert Storage("codebook", 17, granularity, True).layouts(cand, 6) == [granularity]
+    assert Storage("dequantize", 17, "scaled", True).layouts(cand, 6) == ["channel"]
+
+
 # ---------------------------------------------------------------------- layouts
 def test_conv_transpose_shares_per_output_channel_on_axis_1():
     weight = np.concatenate([_few_values((16, 1, 3, 3), count=3, seed=c) for c in range(6)], axis=1)  # (C_in, C_out)
@@ -233,6 +308,30 @@ def test_matrix_layers_share_per_output_column_or_row(op, trans_b, shape, rows):
     feeds = random_feeds(model, 2)
     assert all(np.array_equal(a, b) for a, b in zip(_outputs(model, feeds), _outputs(result.model, feeds)))
     assert any(f"per channel ({rows} rows)" in n for n in _notes(result))
+
+
+@pytest.mark.parametrize("op, trans_b, shape, out_axis", [("Conv", 0, (24, 8, 3, 3), 0), ("ConvTranspose", 0, (8, 24, 3, 3), 1),
+                                                          ("Gemm", 1, (40, 64), 0), ("Gemm", 0, (64, 40), 1),
+                                                          ("MatMul", 0, (64, 40), 1)])
+def test_scaled_storage_on_every_layout_checks_runs_and_folds(op, trans_b, shape, out_axis, tmp_path):
+    rng = np.random.default_rng(15)
+    scale_shape = [1] * len(shape)
+    scale_shape[out_axis] = -1
+    weight = (rng.normal(size=shape) * np.geomspace(0.01, 1.0, shape[out_axis]).reshape(scale_shape)).astype(np.float32)
+    if op in ("Conv", "ConvTranspose"):
+        model = _conv_model(weight, transpose=op == "ConvTranspose")
+    else:
+        model = _matrix_model(weight, op, trans_b, rows=8)
+    result = _optimize(model, f"bits=5,granularity=scaled,{FIXED}")  # onnx.checker inside
+    assert any(f"one codebook × {shape[out_axis]} channel scales" in n for n in _notes(result))
+    mul = [n for n in result.model.graph.node if n.op_type == "Mul"]
+    scales = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}[mul[0].input[1]]
+    assert scales.shape == tuple(shape[out_axis] if a == out_axis else 1 for a in range(len(shape)))
+    feeds = random_feeds(model, 2)
+    for optimization in ("disable", "all"):
+        before, after = _outputs(model, feeds, optimization), _outputs(result.model, feeds, optimization)
+        assert max(compare(a, b)["rel_l2"] for a, b in zip(before, after)) < 0.05
+    assert not {"Gather", "BitShift", "Mul"} & set(_optimized_ops(result.model, tmp_path))
 
 
 def test_grouped_conv_with_data_aware_importance():

@@ -13,7 +13,7 @@ then the variant's ``weight-share`` spec. The rows of each model:
   (cosine 0.97–0.99, agreement 96–100 %);
 * ``channel@B``: one codebook per output channel, B bits everywhere, data-free;
 * ``c6g4``: the issue's goal setting, 6-bit Conv / 4-bit Gemm and MatMul, codebooks per channel
-  where they cost little beside the indices (``granularity=auto``), else per layer;
+  where they cost little beside the indices (``granularity=auto``), else one codebook × per-channel scales;
 * ``+data``: the same with data-aware centroids (each weight's error weighted by its input
   channel's activation energy on the calibration photos);
 * ``search@cos0.999``: bits searched per layer within the tolerance cosine=0.999;
@@ -91,7 +91,7 @@ def _catalogue() -> dict[str, Variant]:
     for bits in (8, 6, 5, 4):
         add(f"channel@{bits}", f"bits={bits},granularity=channel,{FIXED}")
         add(f"channel@{bits}+data", f"bits={bits},granularity=channel,{FIXED}", True)
-    # granularity auto (the default): per channel unless the channels' codebooks would outweigh the indices
+    # granularity auto (the default): per channel unless its codebooks outweigh the indices, else scaled
     add("c6g4", f"conv_bits=6,matrix_bits=4,{FIXED}")
     add("c6g4+data", f"conv_bits=6,matrix_bits=4,{FIXED}", True)
     add("search@cos0.999", "min_size=4096", True, (("cosine", 0.999),))

@@ -81,8 +81,11 @@ def make_pass(cls: type[Pass], options: dict[str, object] | None = None) -> Pass
     """Instantiate ``cls`` with options given as strings or values, converted to the declared types."""
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
     hints = typing.get_type_hints(cls.Options)
+    # Options may map names that are not Python identifiers to fields: ALIASES = {"global": "global_ranking"}
+    aliases = getattr(cls.Options, "ALIASES", {})
     kwargs = {}
     for key, raw in (options or {}).items():
+        key = aliases.get(key, key)
         if key not in fields:
             known = ", ".join(fields) or "none"
             raise UserInputError(f"pass '{cls.name}' has no option '{key}'.", f"use one of its options: {known}.")

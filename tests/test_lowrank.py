@@ -13,7 +13,7 @@ from onnxopt.errors import UserInputError
 from onnxopt.metrics import compare
 from onnxopt.runtime import run_model
 from onnxopt.passes.lowrank_search import Choice, greedy_moves
-from tests.util import init, make_model, op_types, vi
+from tests.util import correlated_feeds, init, make_model, op_types, vi
 
 # Full rank, no timing and no MACs limit: the decomposition must reproduce the layer.
 EXACT = "measure=false,max_macs=100,refine=false,rank=100000"
@@ -55,20 +55,7 @@ def _matmul_model(seed=0):
 
 
 def _feeds(model, n=4, seed=1, rank=None):
-    """Random feeds; with ``rank``, inputs live in a low-dimensional subspace of the channels,
-    as real activations do (what makes data-driven refinement pay off)."""
-    rng = np.random.default_rng(seed)
-    inp = model.graph.input[0]
-    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
-    feeds = []
-    for _ in range(n):
-        if rank is None:
-            x = rng.normal(size=shape)
-        else:
-            basis = np.random.default_rng(99).normal(size=(shape[1], rank))
-            x = np.einsum("cr,nr...->nc...", basis, rng.normal(size=[shape[0], rank, *shape[2:]]))
-        feeds.append({inp.name: x.astype(np.float32)})
-    return feeds
+    return correlated_feeds(model, n, seed, rank)
 
 
 def _run(model, spec, feeds=None, tolerance=None):

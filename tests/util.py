@@ -75,3 +75,20 @@ def run_passes(model: onnx.ModelProto, *specs: str, target: str = "cpu", verify:
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in model.graph.node]
+
+
+def correlated_feeds(model: onnx.ModelProto, n: int = 4, seed: int = 1, rank: int | None = None) -> list[dict]:
+    """Random feeds for the model's first input; with ``rank``, its channels are mixtures of
+    ``rank`` latent channels, as real activations are (what data-driven refits exploit)."""
+    rng = np.random.default_rng(seed)
+    inp = model.graph.input[0]
+    shape = [d.dim_value for d in inp.type.tensor_type.shape.dim]
+    feeds = []
+    for _ in range(n):
+        if rank is None:
+            x = rng.normal(size=shape)
+        else:
+            basis = np.random.default_rng(99).normal(size=(shape[1], rank))
+            x = np.einsum("cr,nr...->nc...", basis, rng.normal(size=[shape[0], rank, *shape[2:]]))
+        feeds.append({inp.name: x.astype(np.float32)})
+    return feeds

@@ -83,14 +83,13 @@ from tools.bench_lossless import (  # noqa: E402
 from tools.bench_qdq import (  # noqa: E402  (cases, worker processes and fidelity checks are bench_qdq's)
     IMAGE_MODELS,
     Case,
-    _first_line,
     _model_error,
     _parse_list,
     _pct,
     format_rows,
     run_cases,
     run_job,
-    worst_cosine,
+    score_fidelity,
 )
 from tools.realmodels import unknown_models_error  # noqa: E402
 
@@ -272,7 +271,7 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
     log(f"  {case.name}: float outputs on {len(case.evaluation)} evaluation feeds ...")
     float_session = _session(case.path, "all")
     reference = _outputs(float_session, case.evaluation)
-    _score(ref, case, reference, reference)
+    score_fidelity(ref, case, reference, reference)
     float_times: list[float] = []
     notes_shown = set(ref.notes)  # a note on the MAC count is shown once per model
     rows = [ref]
@@ -294,7 +293,7 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
         except Exception as exc:
             row.error = _model_error(exc, folder)
             continue
-        _score(row, case, reference, outputs)
+        score_fidelity(row, case, reference, outputs)
         # Float and this variant alternate, round by round: only two sessions are ever open.
         times = _interleaved_latencies({"float": float_session, variant.key: session}, case.evaluation[0], runs)
         row.speed = paired_ratio(times["float"], times[variant.key])
@@ -314,18 +313,6 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
         if row.params is not None and base.params:
             row.params_ratio = row.params / base.params
     return rows
-
-
-def _score(row: Row, case: Case, reference: list, outputs: list) -> None:
-    row.cosine = worst_cosine(reference, outputs)
-    try:
-        app = case.fidelity.measure(reference, outputs)
-    except Exception as exc:  # e.g. an output missing or reshaped in the variant
-        row.error = f"outputs differ in kind from float's: {_first_line(exc, 120)}"
-        return
-    row.app, row.app_text = app.value, app.text
-    if case.fidelity.classifier:
-        row.top1 = app.value
 
 
 # ============================================================ reporting
@@ -437,15 +424,16 @@ class VariantArgs:
     args: argparse.Namespace
     runs: int
     models: list[str]
-    keys: list[str]  # catalogue variants, in order
-    tolerance: dict[str, float]  # of the --spec rows
+    variants: list  # the rows to run: catalogue variants in order, then the --spec rows
+    known: dict  # key → variant, the catalogue's and the --spec rows'
 
 
 def parse_variant_args(argv: list[str] | None, prog: str, description: str, default_models: tuple[str, ...],
                        catalogue: dict, quick: tuple[str, ...], aliases: dict[str, tuple[str, ...]],
-                       spec_help: str) -> VariantArgs | int:
-    """The command line the lossy benchmarks share (models, catalogue variants, --spec rows with
-    their --tolerance, rounds, --quick, --json, --timeout); exit code 2 with one line on bad input."""
+                       spec_help: str, spec_variants) -> VariantArgs | int:
+    """The command line the lossy benchmarks share (models, catalogue variants, --spec rows made by
+    ``spec_variants(specs, tolerance)``, rounds, --quick, --json, --timeout); exit code 2 with one
+    line on bad input."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--models", help=f"comma-separated (default {','.join(default_models)}); 'images' = the real "
                                          "image models; any models/zoo.py builder works too")
@@ -483,13 +471,17 @@ def parse_variant_args(argv: list[str] | None, prog: str, description: str, defa
     except UserInputError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return 2
-    return VariantArgs(args, args.runs or (10 if args.quick else 30), names, keys, tolerance)
+    variants = [catalogue[k] for k in keys] + spec_variants(args.spec, tolerance)
+    return VariantArgs(args, args.runs or (10 if args.quick else 30), names, variants,
+                       {**catalogue, **{v.key: v for v in variants}})
 
 
-def run_variant_bench(parsed: VariantArgs, variants: list, prefix: str, bench_case_fn, row_type, headline: str,
+def run_variant_bench(parsed: VariantArgs, prefix: str, bench_case_fn, row_type, headline: str,
                       calibration_use: str, columns: str, format_table_fn, format_summary_fn) -> int:
     """Run ``bench_case_fn(case, variants, runs, folder, timeout, log)`` on every model, then print the
-    headline, the photos, the variants' legend (``key``, ``description``), the columns and the results."""
+    headline, the photos, the variants' legend (``key``, ``description``), the columns and the results
+    (``format_summary_fn(rows, known)``)."""
+    variants = parsed.variants
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -508,22 +500,21 @@ def run_variant_bench(parsed: VariantArgs, variants: list, prefix: str, bench_ca
     for v in variants:
         print(f"  {v.key:{width}s} {v.description}")
     print(columns)
-    print_results(format_table_fn(all_rows), format_summary_fn(all_rows), all_rows, t_start, args.json)
+    print_results(format_table_fn(all_rows), format_summary_fn(all_rows, parsed.known), all_rows, t_start,
+                  args.json)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parsed = parse_variant_args(argv, "python -m tools.bench_lowrank", __doc__.splitlines()[0], DEFAULT_MODELS,
                                 VARIANTS, QUICK_VARIANTS, VARIANT_ALIASES,
-                                "a custom row running these low-rank pass specs (repeatable)")
+                                "a custom row running these low-rank pass specs (repeatable)", custom_variants)
     if isinstance(parsed, int):
         return parsed
-    variants = [VARIANTS[k] for k in parsed.keys] + custom_variants(parsed.args.spec, parsed.tolerance)
-    known = {**VARIANTS, **{v.key: v for v in variants}}
     import onnxruntime as ort
 
     return run_variant_bench(
-        parsed, variants, "bench_lowrank_", bench_case, Row,
+        parsed, "bench_lowrank_", bench_case, Row,
         f"low rank: onnxopt svd / spatial-svd / tucker2 / cp after the lossless passes ({len(lossless_first())} "
         f"passes, no fuse-conv-activation); onnxruntime {ort.__version__} CPU, ALL optimizations",
         "refinement, searches",
@@ -531,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         "time (>1 faster); cosine: lowest over eval feeds and outputs; top-1: argmax agreement (classifiers); "
         "app: the application's answer unchanged (see tools/bench_qdq.py); lowrank s / peak MB: the onnxopt call "
         "(fresh process).",
-        format_table, lambda rows: format_summary(rows, known))
+        format_table, format_summary)
 
 
 if __name__ == "__main__":

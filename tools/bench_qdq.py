@@ -692,6 +692,20 @@ def _model_error(exc: BaseException, folder: Path) -> str:
     return "invalid model: " + text.replace(str(folder) + os.sep, "")[:200]
 
 
+def score_fidelity(row, case: Case, reference: list, outputs: list) -> None:
+    """Fill ``row``'s cosine, app (the application's answer unchanged) and, for classifiers, top1,
+    comparing ``outputs`` with float's ``reference``; an error in the row if they differ in kind."""
+    row.cosine = worst_cosine(reference, outputs)
+    try:
+        app = case.fidelity.measure(reference, outputs)
+    except Exception as exc:  # e.g. an output missing or reshaped in the variant
+        row.error = f"outputs differ in kind from float's: {_first_line(exc, 120)}"
+        return
+    row.app, row.app_text = app.value, app.text
+    if case.fidelity.classifier:
+        row.top1 = app.value
+
+
 def bench_case(case: Case, variants: list[str], runs: int, folder: Path, timeout: float, log) -> list[Row]:
     """Quantize ``case`` with every variant, then measure each against the float model."""
     from onnxopt.io import file_size
@@ -730,18 +744,8 @@ def bench_case(case: Case, variants: list[str], runs: int, folder: Path, timeout
                 raise
             sessions.pop(variant, None)
             rows[variant].error = _model_error(exc, folder)
-    reference = outputs["float"]
     for variant, outs in outputs.items():
-        row = rows[variant]
-        row.cosine = worst_cosine(reference, outs)
-        try:
-            app = case.fidelity.measure(reference, outs)
-        except Exception as exc:  # e.g. an output missing or reshaped in the variant
-            row.error = f"outputs differ in kind from float's: {_first_line(exc, 120)}"
-            continue
-        row.app, row.app_text = app.value, app.text
-        if case.fidelity.classifier:
-            row.top1 = app.value
+        score_fidelity(rows[variant], case, outputs["float"], outs)
 
     log(f"  {case.name}: latency, {runs} interleaved rounds x {len(sessions)} variants ...")
     times = _interleaved_latencies(sessions, case.evaluation[0], runs)

@@ -55,7 +55,7 @@ if str(REPO) not in sys.path:  # `python tools/bench_weight_share.py` as well as
 from tools.bench_lossless import _fmt, _interleaved_latencies, _outputs, _session, paired_ratio  # noqa: E402
 from tools.bench_lowrank import lossless_first, parse_variant_args, run_variant, run_variant_bench  # noqa: E402
 from tools.bench_qdq import (  # noqa: E402
-    IMAGE_MODELS, Case, _first_line, _model_error, _pct, format_rows, worst_cosine)
+    IMAGE_MODELS, Case, _model_error, _pct, format_rows, score_fidelity)
 
 DEFAULT_MODELS = ("vgg16", "resnet50") + IMAGE_MODELS
 GOAL_SIZE = 0.2  # "at 4-bit Gemm / 6-bit Conv, file <= 0.2x with top-1 agreement >= 99 %"
@@ -160,7 +160,7 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
     log(f"  {case.name}: float outputs on {len(case.evaluation)} evaluation feeds ...")
     float_session = _session(case.path, "all")
     reference = _outputs(float_session, case.evaluation)
-    _score(ref, case, reference, reference)
+    score_fidelity(ref, case, reference, reference)
     float_times: list[float] = []
     rows = [ref]
     for variant in [LOSSLESS, *variants]:
@@ -179,7 +179,7 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
             row.error = _model_error(exc, folder)
             continue
         row.load_ratio = row.load_ms / ref.load_ms
-        _score(row, case, reference, outputs)
+        score_fidelity(row, case, reference, outputs)
         times = _interleaved_latencies({"float": float_session, variant.key: session}, case.evaluation[0], runs)
         row.speed = paired_ratio(times["float"], times[variant.key])
         row.ms = statistics.median(times[variant.key]) * 1e3
@@ -190,18 +190,6 @@ def bench_case(case: Case, variants: list[Variant], runs: int, folder: Path, tim
         float_times = _interleaved_latencies({"float": float_session}, case.evaluation[0], runs)["float"]
     ref.speed, ref.ms = 1.0, statistics.median(float_times) * 1e3
     return rows
-
-
-def _score(row: Row, case: Case, reference: list, outputs: list) -> None:
-    row.cosine = worst_cosine(reference, outputs)
-    try:
-        app = case.fidelity.measure(reference, outputs)
-    except Exception as exc:
-        row.error = f"outputs differ in kind from float's: {_first_line(exc, 120)}"
-        return
-    row.app, row.app_text = app.value, app.text
-    if case.fidelity.classifier:
-        row.top1 = app.value
 
 
 # ============================================================ reporting
@@ -252,21 +240,19 @@ def format_summary(rows: list[Row], variants: dict[str, Variant]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parsed = parse_variant_args(argv, "python -m tools.bench_weight_share", __doc__.splitlines()[0], DEFAULT_MODELS,
                                 VARIANTS, QUICK_VARIANTS, VARIANT_ALIASES,
-                                "a custom row running this weight-share spec (repeatable)")
+                                "a custom row running this weight-share spec (repeatable)", custom_variants)
     if isinstance(parsed, int):
         return parsed
-    variants = [VARIANTS[k] for k in parsed.keys] + custom_variants(parsed.args.spec, parsed.tolerance)
-    known = {**VARIANTS, **{v.key: v for v in variants}}
     import onnxruntime as ort
 
     return run_variant_bench(
-        parsed, variants, "bench_weight_share_", bench_case, Row,
+        parsed, "bench_weight_share_", bench_case, Row,
         f"weight sharing: onnxopt weight-share after the lossless passes; onnxruntime {ort.__version__} CPU, ALL "
         "optimizations", "data-aware centroids, the search",
         "MB / ×: file size and its ratio to float's; load: session-open time / float's; speed: float time / "
         "variant time (>1 faster); cosine: lowest over eval feeds and outputs; top-1: argmax agreement; app: the "
         "application's answer unchanged (tools/bench_qdq.py); share s / peak MB: the onnxopt call.",
-        format_table, lambda rows: format_summary(rows, known))
+        format_table, format_summary)
 
 
 if __name__ == "__main__":

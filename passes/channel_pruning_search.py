@@ -39,8 +39,8 @@ from onnxopt.tolerance import ToleranceCheck, default_budget, describe
 
 from .channel_pruning import (Decision, Setup, _positions_per_weight, apply_plan, channel_importance, columns,
                               group_label, keep_most_important, kept_count, layer_matrix, on_copy, reconstruct)
-from .lowrank_search import (HOLD_OUT_SHARE, NOMINAL_MACS_PER_S, REFINED_PROBES, Targets, _longest_prefix,
-                             _with_positions, greedy_moves)
+from .lowrank_search import (NOMINAL_MACS_PER_S, Targets, _with_positions, greedy_moves, longest_prefix_within,
+                             refit_feeds)
 
 ERROR_POSITIONS = 64  # sampled positions per feed and layer for the rungs' errors (search_error=layers)
 ERROR_FEEDS = 4  # calibration feeds a rung's model is scored on (search_error=model)
@@ -67,7 +67,7 @@ def search(pass_, graph: gs.Graph, ctx, setup: Setup, candidates: list[ChannelGr
         raise UserInputError(f"{pass_.name}: no ratio given and no accuracy budget to search one by.",
                              "pass --tolerance (e.g. cosine=0.999), or ratio=.")
     feeds = setup.feeds
-    fit_feeds = feeds[:max(1, len(feeds) - len(feeds) // HOLD_OUT_SHARE)]
+    fit_feeds = refit_feeds(feeds)
     setup.collect_means(fit_feeds, candidates)
     reference = ToleranceCheck(G.export_model(graph, ctx.template), feeds, tolerance)
     savings = Savings(graph, ctx, setup, notes)
@@ -112,28 +112,16 @@ def search(pass_, graph: gs.Graph, ctx, setup: Setup, candidates: list[ChannelGr
         apply_plan(trial, moved, setup.stats, refits)
         trial.cleanup().toposort()
         metrics = reference.evaluate(G.export_model(trial, ctx.template))
-        return reference.meets(metrics), metrics, decisions, refits, refit_notes, reconstructed
+        return reference.meets(metrics), metrics, decisions, refits, refit_notes
 
-    # As in the low-rank search: the longest prefix within the tolerance without refits, then
-    # (refits lower the error at the same removal) a few probes further with them; failing that,
-    # the plain prefix is refit too and kept refit only if that checks out no worse.
-    best = _longest_prefix(1, len(moves), lambda k: evaluate(k, False))
-    if opt.reconstruct and best[0] < len(moves):
-        further = _longest_prefix(best[0] + 1, len(moves), lambda k: evaluate(k, True), max_probes=REFINED_PROBES)
-        if further[0]:
-            best = further
-    if opt.reconstruct and best[0] and not best[1][5]:
-        refit = evaluate(best[0], True)
-        if refit[0] and reference.badness(refit[1]) <= reference.badness(best[1][1]):
-            best = (best[0], refit)
-        else:
-            notes.append(f"reconstruction left out: it scored {describe(refit[1])} with held-out feeds, "
-                         "no better than bias correction alone")
-    prefix, outcome = best
+    prefix, outcome, rejected = longest_prefix_within(len(moves), evaluate, opt.reconstruct, reference.badness)
+    if rejected is not None:
+        notes.append(f"reconstruction left out: it scored {describe(rejected)} with held-out feeds, "
+                     "no better than bias correction alone")
     if not prefix:
         notes.append("no channel removal keeps the model within the tolerance")
         return [], {}
-    _, metrics, decisions, refits, refit_notes, _ = outcome
+    _, metrics, decisions, refits, refit_notes = outcome
     notes.extend(refit_notes)
     notes.append(f"{prefix} of {len(moves)} greedy moves within the tolerance: {describe(metrics)}")
     return decisions, refits

@@ -261,7 +261,7 @@ def search(pass_: LowRankPass, graph: gs.Graph, ctx, candidates: list[Layer], ju
     # A refit is checked on feeds it did not see: it fits the first ones and the check scores all,
     # whose worst sample is then often a held-out one. Refits checked only on their own feeds
     # passed the budget on PP-OCR's calibration windows and missed it on others (cosine 0.92).
-    fit_feeds = feeds[:max(1, len(feeds) - len(feeds) // HOLD_OUT_SHARE)]
+    fit_feeds = refit_feeds(feeds)
 
     def evaluate(prefix: int, refined: bool) -> tuple[bool, dict, list[Choice], list[str]]:
         chosen = [Choice(c.layer, c.ranks, [_copy_step(s) for s in c.steps]) for c in moves[prefix - 1].values()]
@@ -277,23 +277,10 @@ def search(pass_: LowRankPass, graph: gs.Graph, ctx, candidates: list[Layer], ju
         metrics = reference.evaluate(G.export_model(trial, ctx.template))
         return reference.meets(metrics), metrics, chosen, refine_notes
 
-    # The longest prefix of moves within the tolerance, by binary search (error grows with the
-    # prefix), first with plain factors. Refinement (a capture sweep per probe) lowers the error at
-    # the same ranks, so it then tries to go further in at most REFINED_PROBES steps; failing that,
-    # the plain prefix is refined too and kept refined only if that checks out no worse.
-    best = _longest_prefix(1, len(moves), lambda k: evaluate(k, False))
-    if targets is not None and best[0] < len(moves):
-        further = _longest_prefix(best[0] + 1, len(moves), lambda k: evaluate(k, True), max_probes=REFINED_PROBES)
-        if further[0]:
-            best = further
-    if targets is not None and best[0] and not best[1][3]:
-        refined = evaluate(best[0], True)
-        if refined[0] and reference.badness(refined[1]) <= reference.badness(best[1][1]):
-            best = (best[0], refined)
-        else:
-            notes.append(f"refinement of the chosen layers left out: it scored {describe(refined[1])} "
-                         "with held-out feeds, no better than plain truncation")
-    prefix, outcome = best
+    prefix, outcome, rejected = longest_prefix_within(len(moves), evaluate, targets is not None, reference.badness)
+    if rejected is not None:
+        notes.append(f"refinement of the chosen layers left out: it scored {describe(rejected)} "
+                     "with held-out feeds, no better than plain truncation")
     if not prefix:
         notes.append("no decomposition keeps the model within the tolerance")
         return []
@@ -307,6 +294,35 @@ REFINED_PROBES = 3
 
 
 HOLD_OUT_SHARE = 4  # one feed in four is held out of the search's refits (none when there is one feed)
+
+
+def refit_feeds(feeds: list) -> list:
+    """The feeds a search's refits may fit: all but the last ``1/HOLD_OUT_SHARE``, at least one."""
+    return feeds[:max(1, len(feeds) - len(feeds) // HOLD_OUT_SHARE)]
+
+
+def longest_prefix_within(count: int, evaluate, refit: bool, badness) -> tuple[int, tuple | None, dict | None]:
+    """The longest prefix of ``count`` greedy moves whose model meets the tolerance, for the searches
+    of the lossy passes: ``evaluate(k, refit)`` → (ok, metrics, ...) checks the first k moves.
+
+    By binary search (error grows with the prefix), first without refits. Refits lower the error
+    at the same moves, so with ``refit`` they then try to go further in at most REFINED_PROBES
+    probes; failing that, the plain prefix is refit too and kept refit only if that checks out no
+    worse (``badness`` of the metrics). Returns (prefix, its outcome, the metrics of a refit of the
+    plain prefix that was left out, else None)."""
+    best, refined = _longest_prefix(1, count, lambda k: evaluate(k, False)), False
+    if refit and best[0] < count:
+        further = _longest_prefix(best[0] + 1, count, lambda k: evaluate(k, True), max_probes=REFINED_PROBES)
+        if further[0]:
+            best, refined = further, True
+    rejected = None
+    if refit and best[0] and not refined:
+        trial = evaluate(best[0], True)
+        if trial[0] and badness(trial[1]) <= badness(best[1][1]):
+            best = (best[0], trial)
+        else:
+            rejected = trial[1]
+    return best[0], best[1], rejected
 
 
 def _longest_prefix(low: int, high: int, evaluate, max_probes: int | None = None) -> tuple[int, tuple | None]:

@@ -538,7 +538,7 @@ def search_bits(graph: gs.Graph, ctx, candidates: list[Candidate], storage: Stor
     """(bits, layout) per weight: the longest greedy prefix of moves (float → ladder[0] → …, each
     layout Storage.layouts allows, most bytes saved per unit of predicted error first) within
     ``tolerance``."""
-    from .lowrank_search import Choice, greedy_moves
+    from .lowrank_search import Choice, greedy_moves, longest_prefix_within
 
     ladder = sorted(set(opt.ladder), reverse=True)
     reference = G.export_model(graph, ctx.template)
@@ -581,27 +581,13 @@ def search_bits(graph: gs.Graph, ctx, candidates: list[Candidate], storage: Stor
         metrics = check.evaluate(trial_model(reference, weights))
         return check.meets(metrics), metrics
 
-    best, metrics = longest_prefix(len(moves), evaluate)
+    best, outcome, _ = longest_prefix_within(len(moves), lambda k, _refit: evaluate(k), False, check.badness)
     if not best:
         notes.append("no weight can be shared within the tolerance")
         return {}
     chosen = {name: choice.ranks for name, choice in moves[best - 1].items()}
-    notes.append(f"{best} of {len(moves)} greedy moves within the tolerance ({describe(metrics)})")
+    notes.append(f"{best} of {len(moves)} greedy moves within the tolerance ({describe(outcome[1])})")
     return chosen
-
-
-def longest_prefix(count: int, evaluate) -> tuple[int, dict | None]:
-    """The largest k in 1..count with ``evaluate(k)`` → (True, metrics), by binary search (the
-    error grows with the prefix), and its metrics; (0, None) when even k = 1 fails."""
-    low, high, best, best_metrics = 1, count, 0, None
-    while low <= high:
-        middle = (low + high) // 2
-        ok, metrics = evaluate(middle)
-        if ok:
-            best, best_metrics, low = middle, metrics, middle + 1
-        else:
-            high = middle - 1
-    return best, best_metrics
 
 
 def trial_model(reference: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
